@@ -1,0 +1,39 @@
+"""Plain data that flows from the passes to the planner.
+
+After capture, everything the planner sees is frozen dataclasses keyed by
+names and integer indices, never live fx nodes (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Block:
+    """A group of graph nodes that is never split across pipeline stages (a layer).
+
+    Per-sample numbers are measured at the capture batch size and divided by it.
+    """
+
+    index: int
+    name: str  # module path, e.g. "model.transformer.h.3", or "pre" / "post"
+    fwd_flops_per_sample: float  # from torch.utils.flop_counter
+    fwd_bytes_per_sample: float  # bytes read and written by the forward ops
+    param_bytes: int  # parameters first used by this block (fp32 bytes as captured)
+    num_params: int
+    act_bytes_per_sample: float  # activations saved for backward
+    out_bytes_per_sample: float  # bytes of tensors crossing the cut after this block
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """What the planner needs to know about the model: its blocks, in order."""
+
+    blocks: tuple[Block, ...]
+    global_batch: int
+    dtype: str  # "fp32", "bf16" or "fp16": the dtype of the parameters
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
