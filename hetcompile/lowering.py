@@ -1,0 +1,389 @@
+"""Lowering: split the captured graph into stage functions and emit one program per rank.
+
+The whole lowering, top to bottom (:func:`lower`):
+
+1. ``assign_stages``      every graph node -> the pipeline stage that runs it
+2. ``localize_sizes``     a stage recomputes symbolic sizes instead of receiving them
+3. ``assign_ranks``       every used device -> a rank, a stage, a replica and its samples
+4. ``split_stages``       one FX graph per stage; the tensors that cross stages
+5. ``grad_groups``        ranks that hold the same parameters sum their gradients
+6. ``emit_*``             readable Python: stage_K.py, rank_R.py, main.py, launch.sh
+
+Decisions come in as a :class:`~hetcompile.planner.PlanDecision`; nothing here
+chooses anything, it only applies the plan.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from hetcompile.capture import Captured
+from hetcompile.errors import UserError
+from hetcompile.plan import (GradGroup, Plan, RankSpec, SCHEMA_VERSION, StageInput, StageSpec, ValueSpec,
+                             fingerprint)
+from hetcompile.schedule import make_schedule
+
+
+def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_file: str,
+          block_names: list[str], predicted: dict, solver: dict, model_source: str) -> Plan:
+    """Apply ``decision`` to the captured graph and return the plan with its emitted sources."""
+    stage_of = assign_stages(cap.gm, decision)
+    localize_sizes(cap, stage_of)
+    ranks, idle = assign_ranks(decision, cluster)
+    graphs, stages, values, loss = split_stages(cap, stage_of, decision, ranks, block_names)
+    groups = grad_groups(stages)
+    num_stages = len(stages)
+    actions = make_schedule(schedule, num_stages, decision.num_microbatches)
+    cluster_json = cluster.to_json()
+    fp = fingerprint(cluster_json, [s.__dict__ for s in decision.stages], schedule, decision.num_microbatches,
+                     seed, model_source, [str(g) for g in graphs])
+    plan = Plan(schema_version=SCHEMA_VERSION, fingerprint=fp, model_file=model_file, seed=seed,
+                global_batch=cap.global_batch, num_microbatches=decision.num_microbatches,
+                microbatch_size=decision.microbatch_size, schedule=schedule, cluster=cluster_json,
+                stages=tuple(stages), ranks=tuple(ranks), values=tuple(values), grad_groups=tuple(groups),
+                loss=loss, idle_devices=tuple(idle), predicted=predicted, solver=solver)
+    sources: dict = {f"stage_{s.index}.py": emit_stage(plan, s, graphs[s.index]) for s in stages}
+    sources.update({f"rank_{r.rank}.py": emit_rank(plan, r, actions[r.stage]) for r in ranks})
+    sources["main.py"] = MAIN_PY
+    sources["launch.sh"] = emit_launch(plan)
+    sources["model.py"] = model_source
+    buf = io.BytesIO()
+    torch.save(cap.constants, buf)
+    sources["constants.pt"] = buf.getvalue()
+    return Plan(**{**plan.__dict__, "sources": sources})
+
+
+# ---------------------------------------------------------------------------------------------
+# 1-2. Which stage runs each node
+
+
+def assign_stages(gm: torch.fx.GraphModule, decision) -> dict[torch.fx.Node, int]:
+    """Map each compute node to its stage from the block ranges of the decision."""
+    stage_of_block = {}
+    for s, st in enumerate(decision.stages):
+        for b in range(st.first_block, st.last_block + 1):
+            stage_of_block[b] = s
+    stage_of = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        stage = stage_of_block[n.meta["block"]]
+        if n.target.__name__ == "getitem":  # a tuple never crosses stages: its items do
+            stage = stage_of[n.args[0]]
+        stage_of[n] = stage
+    return stage_of
+
+
+def localize_sizes(cap: Captured, stage_of: dict[torch.fx.Node, int]) -> None:
+    """Let each stage compute the batch size from its own batch slice instead of receiving an int.
+
+    Only the batch dimension is dynamic, so every symbolic int equals the batch
+    symbol; a stage that uses one from another stage gets ``sym_size(input, 0)``.
+    """
+    graph = cap.gm.graph
+    first_input = next(n for n in graph.nodes if n.op == "placeholder" and cap.placeholders[n.name].kind == "input")
+    for n in list(graph.nodes):
+        if n.op != "call_function" or not isinstance(n.meta.get("val"), torch.SymInt):
+            continue
+        for user in list(n.users):
+            if user.op != "call_function" or stage_of[user] == stage_of[n]:
+                continue
+            if n.meta["val"].node.expr != cap.batch_symbol:
+                raise UserError(f"Node {n.name} computes the size {n.meta['val']} from the batch size and is "
+                                f"used by another pipeline stage; hetcompile can only pass the batch size itself. "
+                                "Compute the size inside the layer that uses it.")
+            with graph.inserting_before(user):
+                local = graph.call_function(torch.ops.aten.sym_size.int, (first_input, 0))
+            local.meta = {**n.meta, "block": user.meta["block"]}
+            stage_of[local] = stage_of[user]
+            user.replace_input_with(n, local)
+    graph.eliminate_dead_code()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Ranks
+
+
+def assign_ranks(decision, cluster) -> tuple[list[RankSpec], list[int]]:
+    """Number the used devices in cluster order (node by node, as torchrun numbers ranks)."""
+    devices = cluster.devices
+    used = sorted(d for st in decision.stages for d in st.devices)
+    rank_of = {d: r for r, d in enumerate(used)}
+    ranks = []
+    for s, st in enumerate(decision.stages):
+        order = sorted(range(len(st.devices)), key=lambda i: st.devices[i])
+        lo = 0
+        for replica, i in enumerate(order):
+            d = st.devices[i]
+            ranks.append(RankSpec(rank=rank_of[d], device_index=d, device_type=devices[d].type,
+                                  node=devices[d].node, stage=s, replica=replica,
+                                  sample_lo=lo, sample_hi=lo + st.shares[i]))
+            lo += st.shares[i]
+    ranks.sort(key=lambda r: r.rank)
+    idle = [d.index for d in devices if d.index not in rank_of]
+    return ranks, idle
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Stage graphs
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def split_stages(cap: Captured, stage_of, decision, ranks: list[RankSpec], block_names: list[str]):
+    graph = cap.gm.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    loss_node = output.args[0][0]
+    num_stages = len(decision.stages)
+    if stage_of[loss_node] != num_stages - 1:
+        raise UserError("The loss is not computed in the last pipeline stage; hetcompile expects the loss at "
+                        "the end of the model's forward.")
+    nodes_of = [[n for n in graph.nodes if n.op == "call_function" and stage_of[n] == s] for s in range(num_stages)]
+    graphs, stages, values = [], [], {}
+    for s in range(num_stages):
+        needed: list[torch.fx.Node] = []
+        for n in nodes_of[s]:
+            for inp in n.all_input_nodes:
+                if (inp.op == "placeholder" or stage_of[inp] != s) and inp not in needed:
+                    needed.append(inp)
+        g = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        inputs = []
+        for inp in needed:
+            ph = g.placeholder(inp.name)
+            ph.meta = dict(inp.meta)
+            env[inp] = ph
+            if inp.op == "placeholder":
+                p = cap.placeholders[inp.name]
+                inputs.append(StageInput(inp.name, p.kind, p.target, p.input_index))
+            else:
+                inputs.append(StageInput(inp.name, "value"))
+                values.setdefault(inp, set()).add(s)
+        for n in nodes_of[s]:
+            env[n] = g.node_copy(n, lambda x: env[x])
+        outs = [n for n in nodes_of[s] if any(u.op == "call_function" and stage_of[u] != s for u in n.users)]
+        if s == num_stages - 1:
+            outs.append(loss_node)
+        g.output(tuple(env[n] for n in outs))
+        g.lint()
+        graphs.append(g)
+        st = decision.stages[s]
+        stage_ranks = sorted((r for r in ranks if r.stage == s), key=lambda r: r.replica)
+        stages.append(StageSpec(index=s, first_block=st.first_block, last_block=st.last_block,
+                                block_names=tuple(block_names[st.first_block:st.last_block + 1]),
+                                ranks=tuple(r.rank for r in stage_ranks),
+                                shares=tuple(r.sample_hi - r.sample_lo for r in stage_ranks),
+                                inputs=tuple(inputs), outputs=tuple(n.name for n in outs)))
+    value_specs = []
+    for n, consumers in values.items():
+        val = n.meta["val"]
+        coef = n.meta["batch_coef"]
+        if not isinstance(val, torch.Tensor):
+            raise UserError(f"Value {n.name} ({type(val).__name__}) crosses a pipeline stage boundary, but only "
+                            "tensors can be sent between stages. This cut is not supported; please report it.")
+        if coef is None:
+            raise UserError(f"Tensor {n.name} of shape {tuple(val.shape)} crosses a pipeline stage boundary with "
+                            "the batch on a dimension other than 0, so it cannot be split across data-parallel "
+                            "ranks. Keep the batch on dim 0 between layers.")
+        shape = []
+        for i, d in enumerate(val.shape):
+            if i == 0 and coef > 0:
+                shape.append(f"B*{coef}")
+            else:
+                shape.append(int(d))
+        value_specs.append(ValueSpec(name=n.name, producer=stage_of[n], consumers=tuple(sorted(consumers)),
+                                     shape=tuple(shape), dtype=_dtype_name(val.dtype), batch_coef=coef,
+                                     requires_grad=bool(n.meta.get("requires_grad"))))
+    value_specs.sort(key=lambda v: (v.producer, v.name))
+    return graphs, stages, value_specs, loss_node.name
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Gradient groups
+
+
+def grad_groups(stages: list[StageSpec]) -> list[GradGroup]:
+    """Group parameters by the set of ranks that hold them; each group sums its gradients."""
+    holders: dict[str, set[int]] = {}
+    for st in stages:
+        for inp in st.inputs:
+            if inp.kind == "param":
+                holders.setdefault(inp.target, set()).update(st.ranks)
+    by_ranks: dict[tuple[int, ...], list[str]] = {}
+    for param, rs in holders.items():
+        if len(rs) > 1:
+            by_ranks.setdefault(tuple(sorted(rs)), []).append(param)
+    return [GradGroup(ranks, tuple(params)) for ranks, params in sorted(by_ranks.items())]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Emission
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One message of a micro-batch: ``value`` rows for samples [lo, hi) between two ranks."""
+
+    value: str
+    peer: int
+    lo: int
+    hi: int
+
+
+def transfers(plan: Plan, rank: RankSpec) -> tuple[list[Transfer], list[Transfer]]:
+    """What ``rank`` receives (inputs) and sends (outputs) for each micro-batch's forward.
+
+    A batched value moves the overlap of the producer's and consumer's sample
+    ranges; a value without the batch goes whole, from producer replica
+    ``j % num_producer_replicas`` to consumer replica ``j``. Backward mirrors
+    forward: gradients go back along the same messages.
+    """
+    by_rank = {r.rank: r for r in plan.ranks}
+    recvs, sends = [], []
+    for v in plan.values:
+        producers = [by_rank[r] for r in plan.stages[v.producer].ranks]
+        if rank.stage in v.consumers:
+            for p in producers:
+                lo, hi = _overlap(v, p, rank, producers)
+                if lo < hi:
+                    recvs.append(Transfer(v.name, p.rank, lo, hi))
+        if rank.stage == v.producer:
+            for c_stage in v.consumers:
+                for c in (by_rank[r] for r in plan.stages[c_stage].ranks):
+                    lo, hi = _overlap(v, rank, c, producers)
+                    if lo < hi:
+                        sends.append(Transfer(v.name, c.rank, lo, hi))
+    return recvs, sends
+
+
+def _overlap(v: ValueSpec, producer: RankSpec, consumer: RankSpec, producers: list[RankSpec]) -> tuple[int, int]:
+    if v.batch_coef == 0:
+        source = producers[consumer.replica % len(producers)]
+        return (0, 1) if source.rank == producer.rank else (0, 0)
+    return max(producer.sample_lo, consumer.sample_lo), min(producer.sample_hi, consumer.sample_hi)
+
+
+def emit_stage(plan: Plan, st: StageSpec, graph: torch.fx.Graph) -> str:
+    code = graph.python_code(root_module="self")
+    body = code.src.replace("def forward(self, ", "def forward(").replace("device(type='cpu')", "DEVICE")
+    unknown = set(code.globals) - {"torch", "device", "inf", "nan", "fx_pytree", "pytree", "NoneType"}
+    if unknown:
+        raise UserError(f"Stage {st.index} needs Python globals hetcompile cannot emit: {sorted(unknown)}.")
+    blocks = "\n".join(f"#   {b}" for b in st.block_names)
+    inputs = "\n".join(f"#   {i.name:<40} {i.kind}{'  ' + i.target if i.target else ''}"
+                       f"{'  batch[%d]' % i.input_index if i.kind == 'input' else ''}" for i in st.inputs)
+    return f'''"""Stage {st.index} of plan {plan.fingerprint}: blocks {st.first_block}..{st.last_block}.
+
+Generated by hetcompile from the captured graph of {plan.model_file}; the
+forward of these blocks, as ATen calls. Autograd gives the backward.
+"""
+# Blocks:
+{blocks}
+# Inputs (name, kind, source):
+{inputs}
+# Outputs: {", ".join(st.outputs)}
+
+import torch
+from torch import device, inf, nan  # noqa: F401  (used by generated code)
+
+DEVICE = torch.device("cpu")  # set by the runtime to this rank's device
+{body}'''
+
+
+def emit_rank(plan: Plan, rank: RankSpec, actions) -> str:
+    st = plan.stages[rank.stage]
+    recvs, sends = transfers(plan, rank)
+    value = {v.name: v for v in plan.values}
+    is_last = rank.stage == len(plan.stages) - 1
+    lines = []
+    for a in actions:
+        mb = a.microbatch
+        if a.kind == "F":
+            lines.append(f"    # {a}: forward of micro-batch {mb}")
+            for t in recvs:
+                lines.append(f"    ctx.recv({t.value!r}, mb={mb}, src={t.peer}, samples=({t.lo}, {t.hi}))")
+            lines.append(f"    ctx.forward(mb={mb})")
+            for t in sends:
+                lines.append(f"    ctx.send({t.value!r}, mb={mb}, dst={t.peer}, samples=({t.lo}, {t.hi}))")
+        else:
+            lines.append(f"    # {a}: backward of micro-batch {mb}")
+            for t in sends:
+                if value[t.value].requires_grad:
+                    lines.append(f"    ctx.recv_grad({t.value!r}, mb={mb}, src={t.peer}, samples=({t.lo}, {t.hi}))")
+            lines.append(f"    ctx.backward(mb={mb})")
+            for t in recvs:
+                if value[t.value].requires_grad:
+                    lines.append(f"    ctx.send_grad({t.value!r}, mb={mb}, dst={t.peer}, samples=({t.lo}, {t.hi}))")
+    groups = [g for g in plan.grad_groups if rank.rank in g.ranks]
+    lines.append("    # Gradients: sum over the ranks that hold the same parameters (data parallel, tied weights)")
+    for g in groups:
+        lines.append(f"    ctx.all_reduce_grads(ranks={g.ranks})  # {len(g.params)} parameters")
+    lines.append("    ctx.optimizer_step()")
+    lines.append("    return ctx.end_step()  # the global loss: sum over ranks of each piece's weighted loss")
+    step_body = "\n".join(lines)
+    share = rank.sample_hi - rank.sample_lo
+    return f'''"""hetcompile plan {plan.fingerprint}: rank {rank.rank} of {plan.world_size}.
+
+Device:   {rank.device_type} (cluster device {rank.device_index}, node {rank.node})
+Stage:    {rank.stage} of {len(plan.stages)}, blocks {st.first_block}..{st.last_block} ({st.block_names[0]} .. {st.block_names[-1]})
+Data:     replica {rank.replica} of {len(st.ranks)}: samples {rank.sample_lo}:{rank.sample_hi} ({share} of {plan.microbatch_size}) of every micro-batch{"; computes the loss" if is_last else ""}
+Schedule: {plan.schedule}, {plan.num_microbatches} micro-batches of {plan.microbatch_size} samples (global batch {plan.global_batch})
+
+Run every rank with `hetcompile run DIR`, or with torchrun (see launch.sh).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import stage_{rank.stage} as stage  # noqa: E402
+from hetcompile.runtime import RankContext  # noqa: E402
+
+RANK = {rank.rank}
+ctx: RankContext
+
+
+def train_step(step: int) -> float:
+    ctx.start_step(step)
+{step_body}
+
+
+if __name__ == "__main__":
+    ctx = RankContext(os.path.dirname(os.path.abspath(__file__)), rank=RANK, stage=stage)
+    ctx.main(train_step)
+'''
+
+
+MAIN_PY = '''"""Entry point for torchrun: every process runs the program of its rank."""
+import os
+import runpy
+
+here = os.path.dirname(os.path.abspath(__file__))
+runpy.run_path(os.path.join(here, f"rank_{os.environ['RANK']}.py"), run_name="__main__")
+'''
+
+
+def emit_launch(plan: Plan) -> str:
+    nodes: dict[int, int] = {}
+    for r in plan.ranks:
+        nodes[r.node] = nodes.get(r.node, 0) + 1
+    lines = ["#!/usr/bin/env bash",
+             f"# Launch plan {plan.fingerprint} ({plan.world_size} ranks on {len(nodes)} nodes) with torchrun.",
+             "# Run the line of each node on that node; MASTER_ADDR is the first node's address.",
+             "# On one machine (any devices, gloo on CPU): hetcompile run \"$(dirname \"$0\")\" --steps 10",
+             "set -euo pipefail",
+             'DIR="$(cd "$(dirname "$0")" && pwd)"',
+             'MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"', 'MASTER_PORT="${MASTER_PORT:-29500}"',
+             'NODE_RANK="${NODE_RANK:-0}"', "case \"$NODE_RANK\" in"]
+    for i, (node, count) in enumerate(sorted(nodes.items())):
+        cmd = (f"torchrun --nnodes={len(nodes)} --node-rank={i} --nproc-per-node={count} "
+               '--master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" "$DIR/main.py" "$@"')
+        lines.append(f"  {i}) exec {cmd} ;;  # cluster node {node}")
+    lines.append("esac")
+    return "\n".join(lines) + "\n"

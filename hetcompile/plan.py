@@ -1,0 +1,187 @@
+"""The plan: decisions (who runs what, in which order) and predictions, as plain data.
+
+``plan.json`` is the canonical serialisation (sorted keys, fixed float
+formatting), so the same inputs give a byte-identical file. Decisions and
+predictions are kept apart: ``predicted`` holds what the cost model expects,
+everything else is what the emitted programs do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hetcompile.errors import UserError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """One input of a stage's forward: a parameter, buffer, constant, batch tensor or a value from another stage."""
+
+    name: str  # the stage function's argument name
+    kind: str  # "param" | "buffer" | "constant" | "input" | "value"
+    target: str = ""  # state-dict name (param/buffer) or constant key
+    input_index: int = -1  # position in the flattened batch (kind "input")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A pipeline stage: a contiguous run of blocks, run data-parallel by ``ranks``."""
+
+    index: int
+    first_block: int
+    last_block: int
+    block_names: tuple[str, ...]
+    ranks: tuple[int, ...]
+    shares: tuple[int, ...]  # samples of each micro-batch per rank, in ``ranks`` order
+    inputs: tuple[StageInput, ...]
+    outputs: tuple[str, ...]  # values sent to later stages, and the loss on the last stage
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """One process of the job: a device, the stage it runs and its slice of every micro-batch."""
+
+    rank: int
+    device_index: int  # index in the cluster's device list
+    device_type: str
+    node: int
+    stage: int
+    replica: int
+    sample_lo: int  # samples [sample_lo, sample_hi) of each micro-batch
+    sample_hi: int
+
+
+@dataclass(frozen=True)
+class ValueSpec:
+    """A tensor that crosses stages: its producer, consumers and shape (``"B*k"`` marks the batch dim)."""
+
+    name: str
+    producer: int
+    consumers: tuple[int, ...]
+    shape: tuple[Any, ...]  # ints, and "B*k" for a dim of k * (samples) rows
+    dtype: str
+    batch_coef: int  # k when dim 0 is k * samples; 0 for a value without the batch (sent whole)
+    requires_grad: bool
+
+
+@dataclass(frozen=True)
+class GradGroup:
+    """Ranks that hold the same parameters and sum their gradients (data parallel, tied weights)."""
+
+    ranks: tuple[int, ...]
+    params: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled plan. ``save`` writes ``plan.json`` and the per-rank programs."""
+
+    schema_version: int
+    fingerprint: str
+    model_file: str
+    seed: int
+    global_batch: int
+    num_microbatches: int
+    microbatch_size: int
+    schedule: str
+    cluster: dict
+    stages: tuple[StageSpec, ...]
+    ranks: tuple[RankSpec, ...]
+    values: tuple[ValueSpec, ...]
+    grad_groups: tuple[GradGroup, ...]
+    loss: str  # name of the loss value, an output of the last stage
+    idle_devices: tuple[int, ...]
+    predicted: dict  # predictions, apart from the decisions above
+    solver: dict
+    sources: dict = field(default_factory=dict, compare=False, repr=False)  # file name -> text
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("sources")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, sources: dict | None = None) -> "Plan":
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise UserError(f"plan.json has schema_version {version!r}, this hetcompile reads version "
+                            f"{SCHEMA_VERSION}. Recompile the plan with this version of hetcompile.")
+        d = dict(d)
+        d["stages"] = tuple(StageSpec(**{**s, "block_names": tuple(s["block_names"]), "ranks": tuple(s["ranks"]),
+                                         "shares": tuple(s["shares"]), "outputs": tuple(s["outputs"]),
+                                         "inputs": tuple(StageInput(**i) for i in s["inputs"])})
+                            for s in d["stages"])
+        d["ranks"] = tuple(RankSpec(**r) for r in d["ranks"])
+        d["values"] = tuple(ValueSpec(**{**v, "consumers": tuple(v["consumers"]), "shape": tuple(v["shape"])})
+                            for v in d["values"])
+        d["grad_groups"] = tuple(GradGroup(tuple(g["ranks"]), tuple(g["params"])) for g in d["grad_groups"])
+        d["idle_devices"] = tuple(d["idle_devices"])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known}, sources=sources or {})
+
+    def to_json_text(self) -> str:
+        return dumps(self.to_json())
+
+    def save(self, out_dir: str | Path, *, force: bool = False) -> Path:
+        """Write plan.json and the programs into ``out_dir`` atomically (a temporary directory renamed at the end)."""
+        from hetcompile.output import write_atomically
+
+        files = {"plan.json": self.to_json_text(), **self.sources}
+        return write_atomically(Path(out_dir), files, force=force)
+
+    def summary(self) -> str:
+        from hetcompile.report import summary
+
+        return summary(self)
+
+    def program(self, rank: int) -> str:
+        """The emitted source of one rank."""
+        return self.sources[f"rank_{rank}.py"]
+
+
+def dumps(obj: Any) -> str:
+    """Canonical JSON: sorted keys, 2-space indent, floats rounded to 6 significant digits."""
+    return json.dumps(_round(obj), sort_keys=True, indent=2) + "\n"
+
+
+def _round(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return float(f"{obj:.6g}")
+    if isinstance(obj, dict):
+        return {k: _round(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_round(v) for v in obj]
+    return obj
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(dumps(list(parts)).encode()).hexdigest()[:16]
+
+
+def load(path: str | Path) -> Plan:
+    """Load a saved plan (the directory that ``hetcompile`` wrote, or its plan.json).
+
+    >>> plan = load("out/gpt2")  # doctest: +SKIP
+    """
+    path = Path(path)
+    plan_file = path / "plan.json" if path.is_dir() else path
+    if not plan_file.is_file():
+        raise UserError(f"No plan at {str(path)!r}: expected a directory written by `hetcompile MODEL --cluster "
+                        "SPEC -o DIR`, holding plan.json. Compile a plan first, or fix the path.")
+    try:
+        d = json.loads(plan_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{plan_file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}). "
+                        "Recompile the plan.") from e
+    sources = {p.name: p.read_text() for p in plan_file.parent.glob("*.py")}
+    return Plan.from_json(d, sources)

@@ -1,0 +1,114 @@
+"""Group graph nodes into blocks (layers) and sum their costs into plain data.
+
+A block is the unit the planner assigns to pipeline stages. Nodes that run
+inside one element of an ``nn.ModuleList`` (``model.transformer.h.3``) form
+one block; nodes before the first such layer form a ``pre`` block (embeddings),
+and those after the last one a ``post`` block (final norm, head, loss). Nodes
+between layers join the layer before them. The assignment is made monotone
+along every edge (a node's block is at least each input's), so every cut
+between consecutive blocks is a valid pipeline cut.
+
+Writes ``node.meta["block"]`` and returns :class:`~hetcompile.ir.ModelCosts`
+(run ``annotate_costs`` first).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch.fx
+
+from hetcompile.capture import Captured
+from hetcompile.ir import Block, ModelCosts
+
+_LAYER = re.compile(r"\.\d+$")
+
+
+def _layer_path(node: torch.fx.Node) -> str | None:
+    for path, _type in node.meta.get("nn_module_stack", {}).values():
+        if _LAYER.search(path):
+            return path
+    return None
+
+
+def _module_path(node: torch.fx.Node) -> str | None:
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    return stack[-1][0] if stack else None
+
+
+def group_blocks(cap: Captured) -> ModelCosts:
+    """Assign ``node.meta["block"]`` and return the blocks' costs, per sample.
+
+    >>> costs = group_blocks(cap)  # doctest: +SKIP
+    >>> [b.name for b in costs.blocks][:3]
+    ['pre: transformer.wte, transformer.wpe', 'transformer.h.0', 'transformer.h.1']
+    """
+    graph = cap.gm.graph
+    compute = [n for n in graph.nodes if n.op == "call_function"]
+    layers: list[str] = []
+    for n in compute:
+        path = _layer_path(n)
+        if path is not None and path not in layers:
+            layers.append(path)
+    has_pre = bool(compute) and _layer_path(compute[0]) is None
+    offset = 1 if has_pre else 0
+    current = 0
+    for n in compute:
+        path = _layer_path(n)
+        if path is not None:
+            current = layers.index(path) + offset
+        elif current >= offset and layers and current == len(layers) - 1 + offset and _after_last_layer(n, layers):
+            current = len(layers) + offset
+        block = current
+        for inp in n.all_input_nodes:
+            block = max(block, inp.meta.get("block", 0))
+        n.meta["block"] = block
+        current = max(current, block)
+    num_blocks = max((n.meta["block"] for n in compute), default=0) + 1
+    for n in graph.nodes:
+        if n.op != "call_function":
+            n.meta["block"] = -1  # placeholders and outputs belong to no block
+
+    names = []
+    for b in range(num_blocks):
+        nodes = [n for n in compute if n.meta["block"] == b]
+        paths = [p for p in dict.fromkeys(_layer_path(n) for n in nodes) if p]
+        if len(paths) == 1 and b - offset < len(layers) and layers[b - offset] == paths[0]:
+            names.append(paths[0].removeprefix("model."))
+        else:
+            mods = [p.removeprefix("model.") for p in dict.fromkeys(_module_path(n) for n in nodes)
+                    if p and p != "model" and not _LAYER.search(p) and not p.startswith("_")]
+            label = "pre" if b == 0 and has_pre else "post"
+            names.append(f"{label}: {', '.join(mods[:3]) or 'loss'}{', ...' if len(mods) > 3 else ''}")
+
+    per = 1.0 / cap.global_batch
+    param_bytes = [0] * num_blocks
+    num_params = [0] * num_blocks
+    for n in graph.nodes:
+        if n.op == "placeholder" and cap.placeholders[n.name].kind == "param" and n.users:
+            first = min(u.meta["block"] for u in n.users)
+            val = n.meta["val"]
+            param_bytes[first] += val.numel() * val.element_size()
+            num_params[first] += val.numel()
+    out_bytes = [0.0] * num_blocks
+    for n in compute:
+        users = [u.meta["block"] for u in n.users if u.op == "call_function"]
+        for b in range(n.meta["block"], max(users, default=-1)):
+            out_bytes[b] += n.meta["out_bytes"]
+    blocks = []
+    for b in range(num_blocks):
+        nodes = [n for n in compute if n.meta["block"] == b]
+        blocks.append(Block(
+            index=b, name=names[b],
+            fwd_flops_per_sample=sum(n.meta["flops"] for n in nodes) * per,
+            fwd_bytes_per_sample=sum(n.meta["bytes"] for n in nodes) * per,
+            param_bytes=param_bytes[b], num_params=num_params[b],
+            act_bytes_per_sample=sum(n.meta["out_bytes"] for n in nodes if n.meta.get("requires_grad")) * per,
+            out_bytes_per_sample=out_bytes[b] * per,
+        ))
+    return ModelCosts(blocks=tuple(blocks), global_batch=cap.global_batch, dtype=cap.dtype)
+
+
+def _after_last_layer(node: torch.fx.Node, layers: list[str]) -> bool:
+    """A node outside any layer, seen once the last layer has started: it belongs to ``post``."""
+    return _layer_path(node) is None
