@@ -26,4 +26,4 @@ def get_batch(step: int):
 
 
 def get_optimizer(params):
-    return torch.optim.AdamW(params, lr=1e-3)
+    return torch.optim.AdamW(params, lr=1e-4)

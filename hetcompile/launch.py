@@ -55,14 +55,23 @@ def run(plan_dir: str | Path, *, steps: int, save_params: str | Path | None = No
                 stream.flush()
         proc.wait()
         if proc.returncode != 0:
-            tail = "".join(log[-40:])
-            raise UserError(f"Training plan {plan_dir} failed (torchrun exit code {proc.returncode}). The last "
-                            f"lines of its output:\n{tail}")
+            raise UserError(f"Training plan {plan_dir} failed (torchrun exit code {proc.returncode}). "
+                            f"{_first_failure(log)}")
         if save_params:
             state = merge_params(plan, plan_dir, Path(shards))
             Path(save_params).parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, save_params)
     return losses
+
+
+def _first_failure(log: list[str]) -> str:
+    """The error of the first rank that failed, from torchrun's ``[rankN]:`` prefixed output."""
+    for i, line in enumerate(log):
+        if line.startswith("[rank") and "Traceback" in line:
+            prefix = line.split(":", 1)[0]
+            block = [entry.split(":", 1)[1] for entry in log[i:] if entry.startswith(prefix + ":")]
+            return f"{prefix.strip('[]')} raised:\n" + "".join(block[-12:])
+    return "Its last lines of output:\n" + "".join(log[-30:])
 
 
 def merge_params(plan: Plan, plan_dir: Path, shards: Path) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ chooses anything, it only applies the plan.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_f
     buf = io.BytesIO()
     torch.save(cap.constants, buf)
     sources["constants.pt"] = buf.getvalue()
-    return Plan(**{**plan.__dict__, "sources": sources})
+    return dataclasses.replace(plan, sources=sources)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ class Plan:
     predicted: dict  # predictions, apart from the decisions above
     solver: dict
     sources: dict = field(default_factory=dict, compare=False, repr=False)  # file name -> text
+    timings: dict = field(default_factory=dict, compare=False, repr=False)  # compile phase -> seconds
 
     @property
     def world_size(self) -> int:
@@ -108,6 +109,7 @@ class Plan:
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("sources")
+        d.pop("timings")  # wall times vary run to run; plan.json stays byte-identical
         return d
 
     @classmethod

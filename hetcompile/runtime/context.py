@@ -83,7 +83,8 @@ class RankContext:
                 self.fixed[inp.name] = constants[inp.target].to(self.device)
         del model
         trainable = [p for p in self.params.values() if p.requires_grad]
-        self.optimizer = self.model_file.get_optimizer(trainable)
+        # A stage without parameters (only the loss, say) has nothing to step.
+        self.optimizer = self.model_file.get_optimizer(trainable) if trainable else None
 
     # -- one training step ----------------------------------------------------------------------
 
@@ -210,7 +211,8 @@ class RankContext:
         for work, _ in self.pending:
             work.wait()
         self.pending = []
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.step()
 
     def end_step(self) -> float:
         total = self.loss_sum.clone()

@@ -1,0 +1,289 @@
+"""The CP-SAT planner (hetcompile/planner.py) on synthetic models: known answers and brute force."""
+
+from __future__ import annotations
+
+import doctest
+import random
+
+import pytest
+
+import hetcompile.planner as planner_module
+from cost_models.cluster import load_cluster
+from cost_models.memory import device_memory_bytes
+from hetcompile.errors import UserError
+from hetcompile.ir import Block, ModelCosts
+from hetcompile.planner import (
+    TIME_UNITS_PER_S,
+    PlanDecision,
+    StageDecision,
+    _Candidate,
+    _place_devices,
+    _Problem,
+    brute_force,
+    solve,
+    step_time_s,
+)
+
+GB = 1e9
+
+
+def make_costs(
+    num_blocks: int = 4,
+    *,
+    flops: float | list[float] = 1e12,
+    param_bytes: int | list[int] = 1_000_000,
+    act_bytes: float = 1e6,
+    out_bytes: float = 1e6,
+    global_batch: int = 16,
+) -> ModelCosts:
+    def per_block(v, i):
+        return v[i] if isinstance(v, list) else v
+
+    blocks = tuple(
+        Block(
+            index=i,
+            name=f"h.{i}",
+            fwd_flops_per_sample=per_block(flops, i),
+            fwd_bytes_per_sample=1e3,  # compute bound: the roofline's FLOP term decides
+            param_bytes=per_block(param_bytes, i),
+            num_params=per_block(param_bytes, i) // 4,
+            act_bytes_per_sample=act_bytes,
+            out_bytes_per_sample=out_bytes,
+        )
+        for i in range(num_blocks)
+    )
+    return ModelCosts(blocks, global_batch, "fp32")
+
+
+def make_cluster(fast: list[int], slow: list[int], *, fast_tflops=30.0, slow_tflops=10.0, mem_GB=80.0,
+                 inter_node_GBps=12.5):
+    """Nodes of "Fast" devices then nodes of "Slow" devices (counts per node)."""
+    devices = {
+        "Fast": {"fp32_tflops": fast_tflops, "mem_GB": mem_GB, "mem_GBps": 2000, "intra_node_GBps": 300},
+        "Slow": {"fp32_tflops": slow_tflops, "mem_GB": mem_GB, "mem_GBps": 2000, "intra_node_GBps": 150},
+    }
+    nodes = [{"device": "Fast", "count": n} for n in fast] + [{"device": "Slow", "count": n} for n in slow]
+    return load_cluster({"nodes": nodes, "devices": devices, "inter_node_GBps": inter_node_GBps})
+
+
+def stage_summary(decision: PlanDecision):
+    return [(s.first_block, s.last_block, s.devices, s.shares) for s in decision.stages]
+
+
+def check_decision(decision: PlanDecision, costs: ModelCosts, cluster) -> None:
+    """Structural invariants every decision must satisfy."""
+    assert decision.stages[0].first_block == 0
+    assert decision.stages[-1].last_block == costs.num_blocks - 1
+    for a, b in zip(decision.stages, decision.stages[1:]):
+        assert b.first_block == a.last_block + 1
+    used = [d for s in decision.stages for d in s.devices]
+    assert len(used) == len(set(used)) and all(0 <= d < cluster.num_devices for d in used)
+    assert decision.microbatch_size * decision.num_microbatches == costs.global_batch
+    for s in decision.stages:
+        assert len(s.shares) == len(s.devices) and min(s.shares) >= 1
+        assert sum(s.shares) == decision.microbatch_size
+
+
+def test_doctests():
+    assert doctest.testmod(planner_module).failed == 0
+
+
+# ---------------------------------------------------------------- ILP == brute force
+
+
+def random_instance(seed: int):
+    rng = random.Random(seed)
+    num_blocks = rng.randint(2, 5)
+    fast = [rng.randint(1, 2)]
+    slow = [1, 1] if rng.random() < 0.5 else [rng.randint(1, 2)]
+    costs = make_costs(
+        num_blocks,
+        flops=[rng.uniform(0.2, 2.0) * 1e11 for _ in range(num_blocks)],
+        param_bytes=[rng.randint(1, 8) * 1_000_000_000 for _ in range(num_blocks)],
+        act_bytes=rng.uniform(0.1, 2.0) * 1e9,
+        out_bytes=rng.uniform(0.01, 1.0) * 1e8,
+        global_batch=rng.choice([4, 8, 12]),
+    )
+    cluster = make_cluster(fast, slow, fast_tflops=rng.choice([20.0, 30.0, 60.0]), mem_GB=rng.choice([40, 64, 120]),
+                           inter_node_GBps=rng.choice([5.0, 25.0]))
+    num_microbatches = rng.choice([m for m in (1, 2, 4) if costs.global_batch % m == 0])
+    schedule = rng.choice(["gpipe", "1f1b"])
+    return costs, cluster, num_microbatches, schedule
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ilp_matches_brute_force(seed):
+    costs, cluster, num_microbatches, schedule = random_instance(seed)
+    try:
+        expected_decision, expected_s = brute_force(costs, cluster, num_microbatches=num_microbatches,
+                                                    schedule=schedule)
+    except UserError:
+        with pytest.raises(UserError, match="fits on no plan"):
+            solve(costs, cluster, num_microbatches=num_microbatches, schedule=schedule)
+        return
+    decision, report = solve(costs, cluster, num_microbatches=num_microbatches, schedule=schedule)
+    assert report.status == "OPTIMAL" and report.gap == 0
+    assert report.objective_s == expected_s  # exact: both are the same integer costs
+    assert report.best_bound_s == expected_s
+    check_decision(decision, costs, cluster)
+    check_decision(expected_decision, costs, cluster)
+
+
+def test_random_instances_are_not_all_trivial():
+    """The brute-force comparison is only meaningful if some optima pipeline and some mix types."""
+    num_stages, mixed = set(), False
+    for seed in range(5):
+        costs, cluster, m, schedule = random_instance(seed)
+        try:
+            decision, _ = brute_force(costs, cluster, num_microbatches=m, schedule=schedule)
+        except UserError:
+            continue
+        num_stages.add(len(decision.stages))
+        types = {cluster.devices[d].type for s in decision.stages for d in s.devices}
+        mixed |= len(types) == 2
+    assert len(num_stages) >= 2 and mixed
+
+
+def test_max_stages_is_respected():
+    costs, cluster, m, schedule = random_instance(0)
+    decision, _ = solve(costs, cluster, num_microbatches=m, schedule=schedule, max_stages=1)
+    _, expected_s = brute_force(costs, cluster, num_microbatches=m, schedule=schedule, max_stages=1)
+    assert len(decision.stages) == 1
+    assert solve(costs, cluster, num_microbatches=m, schedule=schedule, max_stages=1)[1].objective_s == expected_s
+
+
+# ---------------------------------------------------------------- known answers
+
+
+def test_faster_type_gets_proportionally_more_samples():
+    """Type Fast is 3x faster than Slow: one data-parallel stage, Fast devices take ~3x the samples."""
+    costs = make_costs(4, global_batch=16)
+    cluster = make_cluster([2], [2], fast_tflops=30, slow_tflops=10)
+    decision, report = solve(costs, cluster, num_microbatches=1)
+    assert len(decision.stages) == 1
+    stage = decision.stages[0]
+    assert stage.devices == (0, 1, 2, 3)
+    fast_shares = [sh for d, sh in zip(stage.devices, stage.shares) if cluster.devices[d].type == "Fast"]
+    slow_shares = [sh for d, sh in zip(stage.devices, stage.shares) if cluster.devices[d].type == "Slow"]
+    ratio = (sum(fast_shares) / len(fast_shares)) / (sum(slow_shares) / len(slow_shares))
+    assert ratio == pytest.approx(3.0, rel=0.2)
+    assert stage.shares == (6, 6, 2, 2)
+
+
+def test_identical_devices_ample_memory_is_pure_data_parallel():
+    costs = make_costs(6, flops=1e12, param_bytes=1_000, global_batch=16)
+    cluster = make_cluster([4], [], mem_GB=80)
+    decision, report = solve(costs, cluster, num_microbatches=4)
+    assert stage_summary(decision) == [(0, 5, (0, 1, 2, 3), (1, 1, 1, 1))]
+    assert report.status == "OPTIMAL"
+    # Integer shares are exact and the group sits on one node: the analytic
+    # step time is the ILP objective (up to the integer time unit).
+    assert step_time_s(decision, costs, cluster, "1f1b") == pytest.approx(report.objective_s, abs=10 / TIME_UNITS_PER_S)
+
+
+def test_tight_memory_forces_a_pipeline():
+    # 4 blocks of 1 GB parameters: 16 GB of weights+grads+Adam in all, 4 GB per block.
+    costs = make_costs(4, param_bytes=1_000_000_000, act_bytes=1e6, global_batch=8)
+    cluster = make_cluster([2], [], mem_GB=10)
+    decision, _ = solve(costs, cluster, num_microbatches=4, schedule="1f1b")
+    assert len(decision.stages) >= 2
+    check_decision(decision, costs, cluster)
+    num_stages = len(decision.stages)
+    for s, stage in enumerate(decision.stages):
+        params = sum(b.param_bytes for b in costs.blocks[stage.first_block:stage.last_block + 1])
+        acts = sum(b.act_bytes_per_sample for b in costs.blocks[stage.first_block:stage.last_block + 1])
+        in_flight = min(4, num_stages - s)
+        assert device_memory_bytes(params, acts, max(stage.shares) * in_flight) <= 10 * GB
+
+
+def test_gpipe_needs_more_memory_than_1f1b():
+    """GPipe keeps every micro-batch's activations, 1F1B at most S - s of them."""
+    costs = make_costs(2, param_bytes=1_000, act_bytes=1e9, global_batch=16)
+    cluster = make_cluster([2], [], mem_GB=9)
+    decision, _ = solve(costs, cluster, num_microbatches=8, schedule="1f1b")  # 2 samples/mb, <= 2 in flight
+    check_decision(decision, costs, cluster)
+    with pytest.raises(UserError, match="fits on no plan"):
+        solve(costs, cluster, num_microbatches=8, schedule="gpipe")  # 8 in flight x >=1 sample x 1 GB x 2 blocks
+
+
+def test_nothing_fits_raises_user_error():
+    costs = make_costs(2, param_bytes=20_000_000_000)  # 20 GB per block -> 80 GB static per block
+    cluster = make_cluster([1], [1], mem_GB=40)
+    with pytest.raises(UserError) as e:
+        solve(costs, cluster, num_microbatches=4)
+    msg = str(e.value)
+    assert "40 GB of parameters" in msg and "has 40 GB" in msg
+    assert "add devices" in msg and "micro-batches" in msg
+    with pytest.raises(UserError, match="fits on no plan"):
+        brute_force(costs, cluster, num_microbatches=4, schedule="1f1b")
+
+
+def test_same_input_same_decision():
+    costs, cluster, m, schedule = random_instance(2)
+    first = solve(costs, cluster, num_microbatches=m, schedule=schedule)
+    second = solve(costs, cluster, num_microbatches=m, schedule=schedule)
+    assert first[0] == second[0]
+    assert first[1].objective_s == second[1].objective_s
+
+
+def test_input_errors():
+    costs = make_costs(2, global_batch=10)
+    cluster = make_cluster([1], [1])
+    with pytest.raises(UserError, match="not divisible by num_microbatches=4"):
+        solve(costs, cluster, num_microbatches=4)
+    with pytest.raises(UserError, match="Unknown schedule 'zb'"):
+        solve(costs, cluster, num_microbatches=2, schedule="zb")
+    with pytest.raises(UserError, match="max_stages"):
+        solve(costs, cluster, num_microbatches=2, max_stages=0)
+
+
+def test_groups_never_exceed_the_microbatch():
+    """4 devices but micro-batches of 2 samples: no stage may use more than 2 devices."""
+    costs = make_costs(2, param_bytes=1_000, global_batch=4)
+    cluster = make_cluster([4], [])
+    decision, _ = solve(costs, cluster, num_microbatches=2)
+    check_decision(decision, costs, cluster)
+    assert all(len(s.devices) <= 2 for s in decision.stages)
+
+
+# ---------------------------------------------------------------- lowering the counts
+
+
+def test_placement_keeps_a_group_on_one_node():
+    # Fast nodes of 1 and 2 devices: a stage wanting 2 Fast devices gets the node of 2.
+    costs = make_costs(2)
+    cluster = make_cluster([1, 2], [2])
+    problem = _Problem(costs, cluster, 1, "1f1b")
+    fast, slow = problem.type_index["Fast"], problem.type_index["Slow"]
+    counts = [0, 0]
+    counts[fast], counts[slow] = 2, 1
+    first = _Candidate(0, 0, 0, tuple(counts), 0, 0)
+    counts = [0, 0]
+    counts[fast], counts[slow] = 1, 1
+    second = _Candidate(1, 1, 1, tuple(counts), 0, 0)
+    assert _place_devices(problem, [first, second]) == [(1, 2, 3), (0, 4)]
+
+
+def test_step_time_uses_integer_shares():
+    costs = make_costs(1, global_batch=3)
+    cluster = make_cluster([1], [1], fast_tflops=30, slow_tflops=10)
+    t_fast = 3 * 1e12 / (30e12 * 0.5)  # fwd + 2x bwd per sample
+    uneven = PlanDecision((StageDecision(0, 0, (0, 1), (2, 1)),), num_microbatches=1, microbatch_size=3)
+    # A stage waits for its slowest device: max(2 * t_fast, 1 * 3 * t_fast) plus the gradient all-reduce.
+    ar_s = 2 * 1 / 2 * 1_000_000 / 12.5e9 + 2 * 2e-5
+    assert step_time_s(uneven, costs, cluster, "1f1b") == pytest.approx(3 * t_fast + ar_s)
+
+
+def test_eight_mixed_devices_tight_memory():
+    """A mid-size instance (8 devices of 2 types, 8 blocks) solves to optimality quickly, and
+    the analytic step time of the concrete plan stays close to the ILP's continuous objective."""
+    rng = random.Random(8)
+    costs = make_costs(8, flops=[rng.uniform(0.2, 2) * 1e11 for _ in range(8)],
+                       param_bytes=[rng.randint(1, 4) * 500_000_000 for _ in range(8)],
+                       act_bytes=2e8, out_bytes=5e7, global_batch=32)
+    cluster = make_cluster([4], [4], mem_GB=20)
+    decision, report = solve(costs, cluster, num_microbatches=4)
+    assert report.status == "OPTIMAL" and report.gap == 0 and report.wall_s < 10
+    assert len(decision.stages) >= 2
+    check_decision(decision, costs, cluster)
+    assert step_time_s(decision, costs, cluster, "1f1b") == pytest.approx(report.objective_s, rel=0.25)
