@@ -12,6 +12,8 @@ placeholders; :class:`Captured` records what each placeholder is.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass
 
@@ -85,9 +87,11 @@ def capture(mf: ModelFile, *, seed: int = 0) -> Captured:
     root = TrainingLoss(model, mf.loss_fn, spec)
     fake_flat = tuple(mode.from_tensor(t) for t in flat)
     batch = Dim("batch", min=1)
+    noise = io.StringIO()  # export prints the graph on failure; the error below says what matters
     try:
-        ep = torch.export.export(root, fake_flat, dynamic_shapes=(tuple({0: batch} for _ in fake_flat),),
-                                 strict=False)
+        with contextlib.redirect_stderr(noise), contextlib.redirect_stdout(noise):
+            ep = torch.export.export(root, fake_flat, dynamic_shapes=(tuple({0: batch} for _ in fake_flat),),
+                                     strict=False)
     except UserError:
         raise
     except Exception as e:

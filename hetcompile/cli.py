@@ -49,8 +49,6 @@ def _run_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    # torch.export logs its guard warnings; the CLI reports problems itself, as one paragraph.
-    logging.getLogger("torch").setLevel(logging.ERROR)
     try:
         if argv and argv[0] == "run":
             args = _run_parser().parse_args(argv[1:])
@@ -71,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compile(args) -> int:
+    import torch._logging
+
     from hetcompile.compiler import compile
+
+    # torch.export logs its guard warnings; the CLI reports problems itself, as one paragraph.
+    torch._logging.set_logs(all=logging.ERROR)
 
     if os.path.exists(args.out) and not args.force:
         raise UserError(f"Output directory {args.out!r} already exists. Pass --force to replace it, or choose "
