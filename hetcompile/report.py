@@ -39,9 +39,11 @@ def summary(plan) -> str:
     lines.append(header)
     for st, pred in zip(plan.stages, plan.predicted["stages"]):
         types = [by_rank[r].device_type for r in st.ranks]
-        first, last = st.block_names[0], st.block_names[-1]
+        # "pre: transformer.wte, ..." -> "pre": the full names are in stage_S.py and plan.json.
+        first, last = (n.split(":")[0] for n in (st.block_names[0], st.block_names[-1]))
         blocks = first if first == last else f"{first} .. {last}"
-        blocks = f"{blocks[:32]} ({st.last_block - st.first_block + 1})"
+        count = st.last_block - st.first_block + 1
+        blocks = f"{blocks[:30]} ({count} block{'s' if count > 1 else ''})"
         shares = " + ".join(f"{s}" for s in st.shares)
         lines.append(f"  {st.index:<6}{_devices(types):<26}{blocks:<44}{shares:<22}"
                      f"{_time(pred['fwd_s'] + pred['bwd_s']):>10}")
