@@ -53,16 +53,10 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
     return {"fwd_s": fwd, "bwd_s": bwd, "send_fwd_s": send_fwd, "send_bwd_s": send_bwd, "allreduce_s": allreduce}
 
 
-def simulate_decision(decision, costs: ModelCosts, cluster, schedule: str) -> Timeline:
-    times = stage_times(decision, costs, cluster)
-    actions = make_schedule(schedule, len(decision.stages), decision.num_microbatches)
-    return simulate(actions, **times)
-
-
 def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, Timeline]:
     """What the cost model expects of ``decision``: step time, throughput, bubbles, memory per device."""
-    timeline = simulate_decision(decision, costs, cluster, schedule)
     times = stage_times(decision, costs, cluster)
+    timeline = simulate(make_schedule(schedule, len(decision.stages), decision.num_microbatches), **times)
     devices = cluster.devices
     memory = []
     for s, st in enumerate(decision.stages):

@@ -57,8 +57,8 @@ def group_blocks(cap: Captured) -> ModelCosts:
         path = _layer_path(n)
         if path is not None:
             current = layers.index(path) + offset
-        elif current >= offset and layers and current == len(layers) - 1 + offset and _after_last_layer(n, layers):
-            current = len(layers) + offset
+        elif layers and current == len(layers) - 1 + offset:
+            current = len(layers) + offset  # outside any layer, once the last layer has started: post
         block = current
         for inp in n.all_input_nodes:
             block = max(block, inp.meta.get("block", 0))
@@ -108,7 +108,3 @@ def group_blocks(cap: Captured) -> ModelCosts:
         ))
     return ModelCosts(blocks=tuple(blocks), global_batch=cap.global_batch, dtype=cap.dtype)
 
-
-def _after_last_layer(node: torch.fx.Node, layers: list[str]) -> bool:
-    """A node outside any layer, seen once the last layer has started: it belongs to ``post``."""
-    return _layer_path(node) is None
