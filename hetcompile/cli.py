@@ -13,9 +13,6 @@ import sys
 
 from hetcompile.errors import UserError
 
-SUBCOMMANDS = ("run",)
-
-
 def _compile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hetcompile",
@@ -46,20 +43,29 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(args) -> int:
+    from hetcompile.launch import run
+
+    run(args.plan, steps=args.steps, save_params=args.save_params, timeout_s=args.timeout)
+    if args.save_params:
+        print(f"saved parameters to {args.save_params}")
+    return 0
+
+
+# Subcommand name -> (argument parser, handler). `hetcompile MODEL ...` (no subcommand) compiles.
+SUBCOMMANDS = {
+    "run": (_run_parser, _run),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        if argv and argv[0] == "run":
-            args = _run_parser().parse_args(argv[1:])
-            from hetcompile.launch import run
-
-            run(args.plan, steps=args.steps, save_params=args.save_params, timeout_s=args.timeout)
-            if args.save_params:
-                print(f"saved parameters to {args.save_params}")
-            return 0
-        args = _compile_parser().parse_args(argv)
-        return _compile(args)
+        if argv and argv[0] in SUBCOMMANDS:
+            make_parser, handler = SUBCOMMANDS[argv[0]]
+            return handler(make_parser().parse_args(argv[1:]))
+        return _compile(_compile_parser().parse_args(argv))
     except UserError as e:
         print(f"hetcompile: error: {e}", file=sys.stderr)
         return e.exit_code
