@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from cost_models.cluster import load_cluster
 from hetcompile.capture import capture
 from hetcompile.errors import UserError
 from hetcompile.lowering import lower
-from hetcompile.modelfile import ModelFile, load_model_file
+from hetcompile.modelfile import ModelFile, load_model_file, module_model_file
 from hetcompile.planner import SolverReport, solve
 from hetcompile.predict import predict
 from hetcompile.schedule import SCHEDULES
@@ -29,15 +30,51 @@ from passes.inline_grad_regions import inline_grad_regions
 log = logging.getLogger(__name__)
 
 
+# The phases of a compile, in order, for "[k/4]" progress lines.
+PHASES = ("capture", "passes", "solve", "emit")
+
+
 @contextmanager
 def _phase(name: str, timings: dict, progress):
+    """Time one phase into ``timings``; tell ``progress`` (when given) it started and how long it took.
+
+    ``progress(text, transient=False)``: a transient line is replaced by the next one
+    (the CLI redraws it in place on a terminal).
+    """
     start = time.perf_counter()
-    if progress:
-        progress(f"{name} ...")
+    tag = f"[{PHASES.index(name) + 1}/{len(PHASES)}] {name}" if name in PHASES else name
+    _tell(progress, f"{tag} ...", transient=True)
     yield
     timings[name] = time.perf_counter() - start
-    if progress:
-        progress(f"{name} done in {timings[name]:.2f} s")
+    _tell(progress, f"{tag:<16} {timings[name]:7.2f} s")
+
+
+def _tell(progress, text: str, *, transient: bool = False) -> None:
+    """Call ``progress``; a plain one-argument callable (``print``) gets only the lasting lines."""
+    if not progress:
+        return
+    try:
+        takes_transient = "transient" in inspect.signature(progress).parameters
+    except (TypeError, ValueError):  # some builtins have no signature
+        takes_transient = False
+    if takes_transient:
+        progress(text, transient=transient)
+    elif not transient:
+        progress(text)
+
+
+def _solver_progress(progress, start_s: float):
+    """An ``on_progress(objective_s, bound_s)`` for the planner that reports the search as a transient line."""
+    if not progress:
+        return None
+
+    def on_progress(objective_s: float, bound_s: float) -> None:
+        gap = (objective_s - bound_s) / objective_s if objective_s > 0 else 0.0
+        _tell(progress, f"[3/4] solve ... {time.perf_counter() - start_s:5.1f} s: best step "
+                        f"{objective_s * 1e3:.4g} ms, bound {bound_s * 1e3:.4g} ms (gap {gap * 100:.1f}%)",
+              transient=True)
+
+    return on_progress
 
 
 def default_microbatches(global_batch: int) -> int:
@@ -45,15 +82,17 @@ def default_microbatches(global_batch: int) -> int:
     return next(m for m in (4, 3, 2, 1) if global_batch % m == 0)
 
 
-def compile(model, cluster, example_inputs=None, *, schedule: str = "1f1b", microbatches: int | None = None,
+def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: str = "1f1b", microbatches: int | None = None,
             seed: int = 0, max_stages: int | None = None, time_limit_s: float = 30.0, progress=None,
             decision=None):
     """Compile a model for a cluster into a :class:`~hetcompile.plan.Plan`.
 
     ``model`` is the path of a model file (see :mod:`hetcompile.modelfile`), a
-    loaded :class:`ModelFile`, or an ``nn.Module`` with ``example_inputs`` (a
-    batch whose model output is the loss; such a plan can be inspected and
-    saved, and runs with the module's class importable and the same batch).
+    loaded :class:`ModelFile`, or an ``nn.Module`` with ``example_inputs``: the
+    global batch, on which the module's output is the loss. A module's plan
+    trains its current weights on that batch at every step, with ``optimizer``
+    (a picklable ``params -> Optimizer``; default AdamW, lr 1e-3); its class
+    must be importable by the ranks.
     ``cluster`` is a spec path, a parsed spec dict, or a ``Cluster``. A
     ``decision`` (a :class:`~hetcompile.planner.PlanDecision`) pins the whole
     plan and skips the solver.
@@ -63,7 +102,7 @@ def compile(model, cluster, example_inputs=None, *, schedule: str = "1f1b", micr
     if schedule not in SCHEDULES:
         raise UserError(f"Unknown schedule {schedule!r}. Choose one of: {', '.join(sorted(SCHEDULES))}.")
     timings: dict[str, float] = {}
-    mf = _as_model_file(model, example_inputs)
+    mf = _as_model_file(model, example_inputs, optimizer)
     clu = cluster if hasattr(cluster, "devices") else load_cluster(cluster)
     cap, costs = analyze(mf, seed=seed, timings=timings, progress=progress)
     num_microbatches = microbatches or default_microbatches(cap.global_batch)
@@ -72,8 +111,12 @@ def compile(model, cluster, example_inputs=None, *, schedule: str = "1f1b", micr
                         f"{cap.global_batch} samples. Choose a divisor of {cap.global_batch}.")
     with _phase("solve", timings, progress):
         if decision is None:
+            extra = {}
+            # Incumbent and bound while CP-SAT searches, when this planner reports them.
+            if progress and "on_progress" in inspect.signature(solve).parameters:
+                extra["on_progress"] = _solver_progress(progress, time.perf_counter())
             decision, report = solve(costs, clu, num_microbatches=num_microbatches, schedule=schedule,
-                                     max_stages=max_stages, time_limit_s=time_limit_s, seed=seed)
+                                     max_stages=max_stages, time_limit_s=time_limit_s, seed=seed, **extra)
         else:
             report = SolverReport(status="PINNED", gap=0.0, objective_s=0.0, best_bound_s=0.0, wall_s=0.0,
                                   num_variables=0)
@@ -81,10 +124,12 @@ def compile(model, cluster, example_inputs=None, *, schedule: str = "1f1b", micr
         predicted, _ = predict(decision, costs, clu, schedule)
         solver = {"status": report.status, "gap": report.gap, "objective_s": report.objective_s,
                   "best_bound_s": report.best_bound_s, "num_variables": report.num_variables}
-        plan = lower(cap, decision, clu, schedule=schedule, seed=seed, model_file=mf.path.name,
+        plan = lower(cap, decision, clu, schedule=schedule, seed=seed, model_file=mf.name,
                      block_names=[b.name for b in costs.blocks], predicted=predicted, solver=solver,
-                     model_source=mf.path.read_text())
-    return dataclasses.replace(plan, timings={**timings, "solver_wall_s": report.wall_s})
+                     model_source=mf.source_text(), data_files=mf.data_files)
+    # The block costs travel in plan.json: inspect/explain re-predict alternatives from OUT alone.
+    return dataclasses.replace(plan, costs=dataclasses.asdict(costs),
+                               timings={**timings, "solver_wall_s": report.wall_s})
 
 
 def analyze(model, *, seed: int = 0, timings: dict | None = None, progress=None):
@@ -105,13 +150,12 @@ def analyze(model, *, seed: int = 0, timings: dict | None = None, progress=None)
     return cap, costs
 
 
-def _as_model_file(model, example_inputs) -> ModelFile:
+def _as_model_file(model, example_inputs, optimizer=None) -> ModelFile:
     if isinstance(model, ModelFile):
         return model
     if isinstance(model, (str, Path)):
         return load_model_file(model)
     if isinstance(model, torch.nn.Module):
-        raise UserError("hetcompile.compile needs a model file for now: pass the path of a file that defines "
-                        "get_model() and get_batch(step). Emitted programs rebuild the model from that file "
-                        "on every rank.")
-    raise UserError(f"hetcompile.compile: model must be a model file path, got {type(model).__name__}.")
+        return module_model_file(model, example_inputs, optimizer)
+    raise UserError(f"hetcompile.compile: model must be a model file path or a torch.nn.Module, got "
+                    f"{type(model).__name__}. Pass the path of a file that defines get_model() and get_batch(step).")

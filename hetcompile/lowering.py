@@ -16,6 +16,7 @@ chooses anything, it only applies the plan.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -30,7 +31,8 @@ from hetcompile.schedule import make_schedule
 
 
 def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_file: str,
-          block_names: list[str], predicted: dict, solver: dict, model_source: str) -> Plan:
+          block_names: list[str], predicted: dict, solver: dict, model_source: str,
+          data_files: dict[str, bytes] | None = None) -> Plan:
     """Apply ``decision`` to the captured graph and return the plan with its emitted sources."""
     stage_of = assign_stages(cap.gm, decision)
     localize_sizes(cap, stage_of)
@@ -41,7 +43,8 @@ def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_f
     actions = make_schedule(schedule, num_stages, decision.num_microbatches)
     cluster_json = cluster.to_json()
     fp = fingerprint(cluster_json, [s.__dict__ for s in decision.stages], schedule, decision.num_microbatches,
-                     seed, model_source, [str(g) for g in graphs])
+                     seed, model_source, [str(g) for g in graphs],
+                     {name: hashlib.sha256(data).hexdigest() for name, data in sorted((data_files or {}).items())})
     plan = Plan(schema_version=SCHEMA_VERSION, fingerprint=fp, model_file=model_file, seed=seed,
                 global_batch=cap.global_batch, num_microbatches=decision.num_microbatches,
                 microbatch_size=decision.microbatch_size, schedule=schedule, cluster=cluster_json,
@@ -52,6 +55,7 @@ def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_f
     sources["main.py"] = MAIN_PY
     sources["launch.sh"] = emit_launch(plan)
     sources["model.py"] = model_source
+    sources.update(data_files or {})
     buf = io.BytesIO()
     torch.save(cap.constants, buf)
     sources["constants.pt"] = buf.getvalue()

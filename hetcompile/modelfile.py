@@ -18,9 +18,11 @@ a plan split a batch unevenly and weight each piece by its share.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import io
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +49,16 @@ class ModelFile:
     get_batch: Callable[[int], Any]
     loss_fn: Callable[[Any, Any], torch.Tensor] | None
     get_optimizer: Callable[[Any], torch.optim.Optimizer]
+    # What the plan directory gets as model.py (and the data files it reads); the file itself when None.
+    source: str | None = None
+    data_files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def source_text(self) -> str:
+        return self.path.read_text() if self.source is None else self.source
 
     def build_model(self, seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
@@ -106,6 +118,77 @@ def load_model_file(path: str | Path) -> ModelFile:
         get_batch=module.get_batch,
         loss_fn=getattr(module, "loss_fn", None),
         get_optimizer=getattr(module, "get_optimizer", default_optimizer),
+    )
+
+
+_MODULE_SOURCE = '''"""Model file written by hetcompile.compile(module, cluster, example_inputs).
+
+The module (with its initial weights), the example batch and the optimizer
+factory were pickled with torch.save; every training step uses that batch. The
+module's class must be importable where the ranks run.
+"""
+
+from pathlib import Path
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+
+
+def get_model():
+    return torch.load(_HERE / "module.pt", weights_only=False)
+
+
+def get_batch(step):
+    return torch.load(_HERE / "batch.pt", weights_only=False)
+
+
+def get_optimizer(params):
+    return torch.load(_HERE / "optimizer.pt", weights_only=False)(params)
+'''
+
+
+def module_model_file(module: torch.nn.Module, example_inputs: Any, optimizer=None) -> ModelFile:
+    """A :class:`ModelFile` for an in-memory module whose output is the loss on ``example_inputs``.
+
+    The plan directory gets a generated model.py that loads the pickled module,
+    batch and ``optimizer`` (a picklable ``params -> Optimizer`` factory, such as
+    ``functools.partial(torch.optim.AdamW, lr=1e-4)``; default
+    :func:`default_optimizer`), so the ranks train from the module's current
+    weights on that batch at every step.
+
+    >>> mf = module_model_file(model, {"input_ids": ids, "labels": ids})  # doctest: +SKIP
+    """
+    cls = type(module)
+    if example_inputs is None:
+        raise UserError(f"hetcompile.compile got a {cls.__name__} module without example_inputs. Pass the "
+                        "global batch the module's forward takes (a tensor, a tuple or a dict, batch on dim 0) "
+                        "and on which the module returns the loss, e.g. compile(model, cluster, "
+                        "{'input_ids': ids, 'labels': ids}).")
+    if cls.__module__ == "__main__":
+        raise UserError(f"The module's class {cls.__name__} is defined in __main__, so the rank processes "
+                        "cannot import it to rebuild the model. Move the class into an importable module, or "
+                        "write a model file (get_model, get_batch) and compile that.")
+    optimizer = optimizer or default_optimizer
+    data_files = {}
+    for name, obj in (("module.pt", module), ("batch.pt", example_inputs), ("optimizer.pt", optimizer)):
+        buf = io.BytesIO()
+        try:
+            torch.save(obj, buf)
+        except Exception as e:
+            raise UserError(f"hetcompile.compile could not pickle the {name.removesuffix('.pt')} "
+                            f"({type(e).__name__}: {e}); the ranks rebuild it from a pickle. Pass objects "
+                            "defined at module level (for the optimizer, e.g. functools.partial("
+                            "torch.optim.AdamW, lr=1e-4) rather than a lambda).") from e
+        data_files[name] = buf.getvalue()
+    return ModelFile(
+        path=Path(f"<{cls.__name__} module>"),
+        get_model=lambda: copy.deepcopy(module),
+        get_batch=lambda step: example_inputs,
+        loss_fn=None,
+        get_optimizer=optimizer,
+        source=_MODULE_SOURCE,
+        data_files=data_files,
     )
 
 

@@ -6,6 +6,7 @@ steps with `hetcompile run` (torchrun, gloo on CPU), and compares the losses
 and final parameters with single-device training on the same global batches.
 """
 
+import functools
 import subprocess
 import sys
 
@@ -72,6 +73,25 @@ def test_cli_compile_and_run_matches_one_device(examples, tmp_path):
     assert done.returncode == 0, done.stderr + done.stdout
     losses = [float(line.split()[3]) for line in done.stdout.splitlines() if line.startswith("step ")]
     ref_losses, ref_state = reference_training(load_model_file(examples / "gpt2.py"), steps=2)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
+    state = torch.load(params, weights_only=True)
+    for k in ref_state:
+        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_an_in_memory_module(examples, tmp_path):
+    """The Python API on an nn.Module with example inputs: the plan trains the module's own weights."""
+    gpt2 = load_model_file(examples / "gpt2.py")
+    torch.manual_seed(1)
+    module, batch = gpt2.get_model(), gpt2.get_batch(0)
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-4)
+    mf = hetcompile.compiler.module_model_file(module, batch, optimizer)
+    _, costs = analyze(mf)
+    plan = hetcompile.compile(module, CLUSTER, batch, optimizer=optimizer, schedule="1f1b",
+                              decision=_pinned(costs.num_blocks, costs.global_batch, 4))
+    params = tmp_path / "params.pt"
+    losses = run(plan.save(tmp_path / "plan"), steps=2, save_params=params)
+    ref_losses, ref_state = reference_training(mf, steps=2)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
     state = torch.load(params, weights_only=True)
     for k in ref_state:

@@ -87,3 +87,16 @@ def test_existing_output_directory_is_not_overwritten(examples, good_cluster, tm
     done = _compile(examples / "mlp.py", good_cluster, out)
     assert done.returncode == 2 and "--force" in done.stderr
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_module_without_example_inputs_or_importable_class():
+    import torch
+
+    import hetcompile
+
+    cluster = {"nodes": [{"device": "A100-80GB", "count": 2}]}
+    with pytest.raises(hetcompile.UserError, match="example_inputs"):
+        hetcompile.compile(torch.nn.Linear(4, 1), cluster)
+    Local = type("Local", (torch.nn.Module,), {"__module__": "__main__"})
+    with pytest.raises(hetcompile.UserError, match="importable"):
+        hetcompile.compile(Local(), cluster, torch.zeros(4, 4))
