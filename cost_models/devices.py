@@ -22,6 +22,7 @@ import difflib
 import logging
 from dataclasses import dataclass
 
+from cost_models.profile import DeviceProfile
 from hetcompile.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class DeviceType:
     mem_GBps: float
     intra_node_GBps: float
     source: str
+    # Measured numbers (`hetcompile profile`) that replace the datasheet ones in the
+    # cost model; None for a datasheet-only type.
+    profile: DeviceProfile | None = None
 
     def peak_flops_per_s(self, dtype: str) -> float:
         """Peak dense FLOP/s for ``dtype`` ("fp32", "bf16" or "fp16").

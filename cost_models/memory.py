@@ -37,3 +37,32 @@ def device_memory_bytes(
     optimizer = optimizer_state_per_param_byte * param_bytes
     activations = act_bytes_per_sample * samples_in_flight
     return int(math.ceil(weights_and_grads + optimizer + activations))
+
+
+# Weights + gradients + optimizer state, per parameter byte.
+STATIC_BYTES_PER_PARAM_BYTE = 2 + ADAM_STATE_PER_PARAM_BYTE
+
+
+def stage_memory_bytes(
+    param_bytes: int,
+    act_bytes_per_sample: int,
+    in_bytes_per_sample: int,
+    share: int,
+    in_flight: int,
+    recompute: bool,
+) -> int:
+    """Peak bytes of one device of a pipeline stage, in integers (the planner's exact constraint).
+
+    Without recompute the device keeps every in-flight micro-batch's saved
+    activations: ``share * in_flight * A``. With recompute it keeps only each
+    in-flight micro-batch's stage input and rebuilds the activations of one
+    micro-batch at a time before its backward: ``share * (in_flight * I + A)``.
+
+    >>> stage_memory_bytes(1_000, 10, 1, share=2, in_flight=4, recompute=False)
+    4080
+    >>> stage_memory_bytes(1_000, 10, 1, share=2, in_flight=4, recompute=True)
+    4028
+    """
+    static = int(math.ceil(STATIC_BYTES_PER_PARAM_BYTE * param_bytes))
+    per_sample = in_flight * in_bytes_per_sample + act_bytes_per_sample if recompute else in_flight * act_bytes_per_sample
+    return static + share * per_sample

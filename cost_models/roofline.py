@@ -5,6 +5,13 @@ memory traffic (bytes / memory bandwidth); the roofline takes the larger of
 the two, each derated by an achievable-fraction-of-peak efficiency.
 Backward is modelled as twice the forward: it computes the gradient with
 respect to both the input and the weights, each about one forward's work.
+
+A device type with a measured profile (:mod:`cost_models.profile`) is modelled
+as it was measured instead: one op at a time, so the matmul time (FLOPs at the
+fitted matmul rate) and the memory time (bytes at the fitted copy bandwidth)
+add up rather than overlap, with no derating (the rates are achieved ones),
+plus a fixed cost per ATen call (:func:`block_overhead_s`) that does not shrink
+with the batch and dominates small models on a CPU.
 """
 
 from __future__ import annotations
@@ -40,8 +47,50 @@ def block_time_s(
     >>> round(fwd * 1e3, 3), round(bwd / fwd, 6)
     (6.41, 2.0)
     """
+    if device.profile is not None:
+        p = device.profile
+        fwd_s = block.fwd_flops_per_sample / p.flops_per_s(dtype) + block.fwd_bytes_per_sample / p.mem_bw_bytes_per_s
+        return fwd_s, BACKWARD_FACTOR * fwd_s
     compute_s = block.fwd_flops_per_sample / (device.peak_flops_per_s(dtype) * efficiency)
     memory_s = block.fwd_bytes_per_sample / (device.mem_bw_bytes_per_s * MEMORY_EFFICIENCY)
     fwd_s = max(compute_s, memory_s)
     # Both terms scale by the same factor, so the backward max is the forward max scaled.
     return fwd_s, BACKWARD_FACTOR * fwd_s
+
+
+def block_overhead_s(block: Block, device: DeviceType) -> tuple[float, float]:
+    """(forward, backward) seconds one call of ``block`` costs whatever its batch: the per-op time.
+
+    0 without a profile: the datasheet model has no per-op term (a GPU's launch
+    overhead hides behind asynchronous execution on large enough work).
+
+    >>> from hetcompile.ir import Block
+    >>> from cost_models.devices import CATALOG
+    >>> block_overhead_s(Block(0, "h.0", 1e9, 1e6, 0, 0, 0.0, 0.0, num_ops=10, num_grad_ops=8), CATALOG["CPU"])
+    (0.0, 0.0)
+    """
+    if device.profile is None:
+        return 0.0, 0.0
+    p = device.profile
+    return block.num_ops * p.op_fwd_overhead_s, block.num_grad_ops * p.op_bwd_overhead_s
+
+
+# An Adam-like step reads the parameter, its gradient and two moments and writes
+# three of them: about seven times the parameter bytes of memory traffic.
+OPTIMIZER_BYTES_PER_PARAM_BYTE = 7.0
+
+
+def optimizer_time_s(num_param_tensors: int, param_bytes: float, device: DeviceType) -> float:
+    """Seconds of one optimizer step over these parameters: per-tensor loop turns plus memory traffic.
+
+    0 without a profile: the datasheet model leaves the optimizer out (on a GPU a
+    fused step over the stage's parameters is small beside the pipeline).
+
+    >>> from cost_models.devices import CATALOG
+    >>> optimizer_time_s(4, 1e9, CATALOG["A100-80GB"])
+    0.0
+    """
+    if device.profile is None:
+        return 0.0
+    p = device.profile
+    return num_param_tensors * p.optimizer_per_tensor_s + OPTIMIZER_BYTES_PER_PARAM_BYTE * param_bytes / p.mem_bw_bytes_per_s

@@ -13,6 +13,7 @@ placeholders; :class:`Captured` records what each placeholder is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from hetcompile.errors import UserError
 from hetcompile.modelfile import ModelFile, TrainingLoss
+from passes.stamp_layers import repeated_layers, stamp_layers
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,29 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
+@contextlib.contextmanager
+def _no_stack_traces():
+    import torch.fx.config as fx_config
+
+    previous = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        fx_config.do_not_emit_stack_traces = previous
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """Silence library warnings (transformers, torch) while tracing: the CLI reports problems itself."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def capture(mf: ModelFile, *, seed: int = 0) -> Captured:
     """Build the model on fake tensors and export its training loss with a dynamic batch dimension.
 
@@ -86,12 +111,36 @@ def capture(mf: ModelFile, *, seed: int = 0) -> Captured:
     model.train()
     root = TrainingLoss(model, mf.loss_fn, spec)
     fake_flat = tuple(mode.from_tensor(t) for t in flat)
+    stack = repeated_layers(model)
+    if stack is not None:
+        # Deep stacks of identical layers: trace two of them, copy the rest (passes/stamp_layers.py).
+        path, num_layers = stack
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        full = getattr(parent, attr)
+        setattr(parent, attr, torch.nn.ModuleList(list(full)[:2]))
+        try:
+            ep = _export(root, fake_flat, mf)
+        finally:
+            setattr(parent, attr, full)
+        cap = _from_exported(ep, batch_size, spec, mf)
+        stamped = stamp_layers(cap.gm, cap.placeholders, f"{_PREFIX}{path}", num_layers, Placeholder)
+        if stamped is not None:
+            return dataclasses.replace(cap, placeholders=stamped)
+        log.info("layers of %s are not copies of each other once traced; exporting the whole model", path)
+    return _from_exported(_export(root, fake_flat, mf), batch_size, spec, mf)
+
+
+def _export(root: torch.nn.Module, fake_flat: tuple, mf: ModelFile):
+    """torch.export (non-strict) with every input's dim 0 dynamic; failures become one clear UserError."""
     batch = Dim("batch", min=1)
     noise = io.StringIO()  # export prints the graph on failure; the error below says what matters
     try:
-        with contextlib.redirect_stderr(noise), contextlib.redirect_stdout(noise):
-            ep = torch.export.export(root, fake_flat, dynamic_shapes=(tuple({0: batch} for _ in fake_flat),),
-                                     strict=False)
+        # Stack traces per node cost a third of export's time on deep models, and nothing reads them.
+        with contextlib.redirect_stderr(noise), contextlib.redirect_stdout(noise), _quiet_logs(), \
+                _no_stack_traces():
+            return torch.export.export(root, fake_flat, dynamic_shapes=(tuple({0: batch} for _ in fake_flat),),
+                                       strict=False)
     except UserError:
         raise
     except Exception as e:
@@ -101,7 +150,6 @@ def capture(mf: ModelFile, *, seed: int = 0) -> Captured:
             f"{type(e).__name__}: {first[:400]}. hetcompile needs a model whose forward is traceable by "
             "torch.export (non-strict) and works for any batch size: avoid Python control flow on tensor "
             "values and on the batch size, and shapes computed from data.") from e
-    return _from_exported(ep, batch_size, spec, mf)
 
 
 def _from_exported(ep, batch_size, spec, mf) -> Captured:

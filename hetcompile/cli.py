@@ -9,24 +9,49 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 
 from hetcompile.errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse then reports a bad value as a usage error, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text}")
+    return value
+
 
 def _compile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hetcompile",
         description="Compile a PyTorch model for a cluster of mixed accelerators into one training program "
-                    "per rank. Subcommands: `hetcompile run OUT` trains with a compiled plan.")
+                    "per rank. Subcommands: `hetcompile run OUT` trains with a compiled plan; "
+                    "`hetcompile inspect|explain OUT` and `hetcompile diff OUT_A OUT_B` question plans.")
     p.add_argument("model", help="model file defining get_model() and get_batch(step)")
     p.add_argument("--cluster", required=True, help="cluster spec (JSON)")
     p.add_argument("-o", "--out", required=True, help="output directory for plan.json and the programs")
     p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"], help="pipeline schedule")
-    p.add_argument("--microbatches", type=int, default=None,
+    p.add_argument("--microbatches", type=_positive_int, default=None,
                    help="micro-batches per step (default: 4, or the largest divisor of the batch below 4)")
-    p.add_argument("--max-stages", type=int, default=None, help="most pipeline stages the planner may use")
+    p.add_argument("--max-stages", type=_positive_int, default=None, help="most pipeline stages the planner may use")
     p.add_argument("--seed", type=int, default=0, help="torch seed before get_model() (default 0)")
-    p.add_argument("--time-limit", type=float, default=30.0, help="solver time limit in seconds")
+    p.add_argument("--time-limit", type=_positive_seconds, default=30.0, help="solver time limit in seconds")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     return p
 
@@ -36,25 +61,125 @@ def _run_parser() -> argparse.ArgumentParser:
                                 description="Train with a compiled plan: every rank as a local process "
                                             "(torchrun, gloo on CPU).")
     p.add_argument("plan", help="directory written by `hetcompile MODEL --cluster SPEC -o DIR`")
-    p.add_argument("--steps", type=int, default=10, help="training steps (default 10)")
+    p.add_argument("--steps", type=_positive_int, default=10,
+                   help="training steps, counted from step 0 also when resuming (default 10)")
     p.add_argument("--save-params", default=None,
                    help="write the state dict after the last step to this file (torch.save)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a rank waits on a peer")
+    p.add_argument("--timeout", type=_positive_seconds, default=30.0,
+                   help="seconds a rank waits on a hung peer before the run stops with an error naming it "
+                        "(default 30; a rank that dies is noticed at once)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="save training state (parameters, optimizer state, step, RNG; torch.distributed."
+                        "checkpoint) into DIR/step_K")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None,
+                   help="steps between checkpoints (default 100); the last step is always saved")
+    p.add_argument("--resume", default=None,
+                   help="continue from a checkpoint: a --checkpoint-dir (its latest) or one of its step_K "
+                        "directories, written under this plan or any other plan of the same model. --steps "
+                        "counts all steps, so a checkpoint after K steps trains steps K..N-1")
     return p
 
 
 def _run(args) -> int:
     from hetcompile.launch import run
 
-    run(args.plan, steps=args.steps, save_params=args.save_params, timeout_s=args.timeout)
+    run(args.plan, steps=args.steps, save_params=args.save_params, timeout_s=args.timeout,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
     if args.save_params:
         print(f"saved parameters to {args.save_params}")
+    if args.checkpoint_dir:
+        print(f"saved checkpoints in {args.checkpoint_dir}")
     return 0
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hetcompile inspect",
+                                description="Report a compiled plan: stages, devices, batch shares, predicted "
+                                            "times, memory per device against capacity, solver status.")
+    p.add_argument("plan", help="directory written by `hetcompile MODEL --cluster SPEC -o DIR`")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object (for scripts, CI)")
+    return p
+
+
+def _inspect(args) -> int:
+    from hetcompile.inspection import format_inspect, inspect_plan
+    from hetcompile.plan import dumps, load
+
+    report = inspect_plan(load(args.plan))
+    print(dumps(report).rstrip() if args.json else format_inspect(report))
+    return 0
+
+
+def _explain_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hetcompile explain",
+                                description="Why this plan: the bottleneck stage and what bounds it, and the "
+                                            "predicted step time of the alternatives it beat.")
+    p.add_argument("plan", help="directory written by `hetcompile MODEL --cluster SPEC -o DIR`")
+    p.add_argument("--time-limit", type=float, default=10.0,
+                   help="solver seconds for re-planning the alternatives (default 10)")
+    p.add_argument("--json", action="store_true", help="print the explanation as one JSON object")
+    return p
+
+
+def _explain(args) -> int:
+    from hetcompile.explain import explain, format_explain
+    from hetcompile.plan import dumps, load
+
+    report = explain(load(args.plan), time_limit_s=args.time_limit)
+    print(dumps(report).rstrip() if args.json else format_explain(report))
+    return 0
+
+
+def _diff_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hetcompile diff",
+                                description="What differs between two compiled plans: stages, devices, batch "
+                                            "shares, schedule, micro-batches, predictions. Exit code 0 when "
+                                            "they plan the same, 1 when they differ (like diff).")
+    p.add_argument("plan_a", help="first plan directory")
+    p.add_argument("plan_b", help="second plan directory")
+    return p
+
+
+def _diff(args) -> int:
+    from hetcompile.inspection import diff_plans
+    from hetcompile.plan import load
+
+    lines = diff_plans(load(args.plan_a), load(args.plan_b))
+    print("\n".join(lines) if lines else "the plans are the same")
+    return 1 if lines else 0
+
+
+class _TerminalProgress:
+    """Compile progress on an interactive stderr: lasting lines, and one transient line redrawn in place."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.pending = False  # a transient line is on screen
+
+    def __call__(self, text: str, *, transient: bool = False) -> None:
+        # "\r" + erase-to-end-of-line replaces the transient line instead of scrolling; a transient
+        # line wider than the terminal would wrap, and "\r" could then only erase its last row.
+        prefix = "\r\033[K" if self.pending else ""
+        line = f"  {text}"
+        if transient:
+            line = line[:shutil.get_terminal_size().columns - 1]
+        self.stream.write(prefix + line + ("" if transient else "\n"))
+        self.stream.flush()
+        self.pending = transient
+
+    def close(self) -> None:
+        if self.pending:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.pending = False
 
 
 # Subcommand name -> (argument parser, handler). `hetcompile MODEL ...` (no subcommand) compiles.
 SUBCOMMANDS = {
     "run": (_run_parser, _run),
+    "inspect": (_inspect_parser, _inspect),
+    "explain": (_explain_parser, _explain),
+    "diff": (_diff_parser, _diff),
 }
 
 
@@ -72,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hetcompile: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`hetcompile inspect OUT | head`): not worth a traceback. Point
+        # stdout at devnull so the interpreter's final flush does not raise again (Python docs' recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _compile(args) -> int:
@@ -85,12 +215,18 @@ def _compile(args) -> int:
     if os.path.exists(args.out) and not args.force:
         raise UserError(f"Output directory {args.out!r} already exists. Pass --force to replace it, or choose "
                         "another directory with -o.")
-    progress = (lambda msg: print(f"  {msg}", file=sys.stderr)) if sys.stderr.isatty() else None
-    plan = compile(args.model, args.cluster, schedule=args.schedule, microbatches=args.microbatches,
-                   seed=args.seed, max_stages=args.max_stages, time_limit_s=args.time_limit, progress=progress)
+    progress = _TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        plan = compile(args.model, args.cluster, schedule=args.schedule, microbatches=args.microbatches,
+                       seed=args.seed, max_stages=args.max_stages, time_limit_s=args.time_limit, progress=progress)
+    finally:
+        if progress:
+            progress.close()
     plan.save(args.out, force=args.force)
     print(plan.summary())
-    print(f"\nwrote {args.out}/: plan.json, {plan.world_size} rank programs, launch.sh")
+    print(f"\nwrote {args.out}/: plan.json, {plan.world_size} rank programs, launch.sh, "
+          "timeline.png and timeline.json (Perfetto)")
+    print(f"inspect it:  hetcompile inspect {args.out}  |  hetcompile explain {args.out}")
     print(f"train here:  hetcompile run {args.out} --steps 10")
     print(f"on a cluster: NODE_RANK=i MASTER_ADDR=host bash {args.out}/launch.sh --steps 10")
     return 0

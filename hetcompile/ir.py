@@ -24,6 +24,11 @@ class Block:
     num_params: int
     act_bytes_per_sample: float  # activations saved for backward
     out_bytes_per_sample: float  # bytes of tensors crossing the cut after this block
+    # Counts for the per-call costs a profiled device adds (cost_models/profile.py):
+    # each ATen call costs a fixed time, each parameter tensor an optimizer-loop turn.
+    num_ops: int = 0  # ATen calls in the forward
+    num_grad_ops: int = 0  # of those, the ones autograd records (they run in backward too)
+    num_param_tensors: int = 0
 
 
 @dataclass(frozen=True)

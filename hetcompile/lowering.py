@@ -184,7 +184,8 @@ def split_stages(cap: Captured, stage_of, decision, ranks: list[RankSpec], block
                                 block_names=tuple(block_names[st.first_block:st.last_block + 1]),
                                 ranks=tuple(r.rank for r in stage_ranks),
                                 shares=tuple(r.sample_hi - r.sample_lo for r in stage_ranks),
-                                inputs=tuple(inputs), outputs=tuple(n.name for n in outs)))
+                                inputs=tuple(inputs), outputs=tuple(n.name for n in outs),
+                                recompute=getattr(st, "recompute", False)))
     value_specs = []
     for n, consumers in values.items():
         val = n.meta["val"]
@@ -351,6 +352,10 @@ import stage_{rank.stage} as stage  # noqa: E402
 from hetcompile.runtime import RankContext  # noqa: E402
 
 RANK = {rank.rank}
+# What this program was compiled for: RankContext refuses to start if plan.json, the stage file
+# or the launch (WORLD_SIZE, RANK) disagree.
+FINGERPRINT = "{plan.fingerprint}"
+WORLD_SIZE = {plan.world_size}
 ctx: RankContext
 
 
@@ -360,7 +365,8 @@ def train_step(step: int) -> float:
 
 
 if __name__ == "__main__":
-    ctx = RankContext(os.path.dirname(os.path.abspath(__file__)), rank=RANK, stage=stage)
+    ctx = RankContext(os.path.dirname(os.path.abspath(__file__)), rank=RANK, stage=stage,
+                      fingerprint=FINGERPRINT, world_size=WORLD_SIZE)
     ctx.main(train_step)
 '''
 
@@ -370,7 +376,12 @@ import os
 import runpy
 
 here = os.path.dirname(os.path.abspath(__file__))
-runpy.run_path(os.path.join(here, f"rank_{os.environ['RANK']}.py"), run_name="__main__")
+program = os.path.join(here, f"rank_{os.environ.get('RANK', '?')}.py")
+if not os.path.isfile(program):
+    raise SystemExit(f"hetcompile: {program} does not exist: this process was started as rank "
+                     f"{os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}, more ranks than the plan in "
+                     f"{here} has. Launch it with `hetcompile run {here}` or the commands in launch.sh.")
+runpy.run_path(program, run_name="__main__")
 '''
 
 

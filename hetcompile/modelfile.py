@@ -66,7 +66,11 @@ class ModelFile:
 
     def flat_batch(self, step: int) -> tuple[list[torch.Tensor], pytree.TreeSpec]:
         """The batch of ``step`` as a flat list of tensors (batch on dim 0) and its structure."""
-        batch = self.get_batch(step)
+        try:
+            batch = self.get_batch(step)
+        except Exception as e:  # the user's code: report it as theirs, with its own message
+            raise UserError(f"{self.path.name}: get_batch({step}) raised {type(e).__name__}: {e}. Fix get_batch so "
+                            "that it returns the global batch of any step (batch on dim 0).") from e
         leaves, spec = pytree.tree_flatten(batch)
         if not leaves:
             raise UserError(f"{self.path.name}: get_batch({step}) returned no tensors. "

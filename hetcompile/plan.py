@@ -17,6 +17,7 @@ from typing import Any
 from hetcompile.errors import UserError
 
 SCHEMA_VERSION = 1
+TIMINGS_FILE = "timings.json"  # compile phase -> seconds, next to plan.json
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class StageSpec:
     shares: tuple[int, ...]  # samples of each micro-batch per rank, in ``ranks`` order
     inputs: tuple[StageInput, ...]
     outputs: tuple[str, ...]  # values sent to later stages, and the loss on the last stage
+    recompute: bool = False  # keep only the stage's inputs in forward; rerun it in backward
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,9 @@ class Plan:
     idle_devices: tuple[int, ...]
     predicted: dict  # predictions, apart from the decisions above
     solver: dict
+    # The model's blocks (hetcompile.ir.ModelCosts as plain data), so that inspect and explain
+    # can re-predict alternatives from the output directory alone, without re-capturing.
+    costs: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict, compare=False, repr=False)  # file name -> text
     timings: dict = field(default_factory=dict, compare=False, repr=False)  # compile phase -> seconds
 
@@ -113,11 +118,10 @@ class Plan:
         return d
 
     @classmethod
-    def from_json(cls, d: dict, sources: dict | None = None) -> "Plan":
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise UserError(f"plan.json has schema_version {version!r}, this hetcompile reads version "
-                            f"{SCHEMA_VERSION}. Recompile the plan with this version of hetcompile.")
+    def from_json(cls, d: dict, sources: dict | None = None, timings: dict | None = None, *,
+                  check: bool = True) -> "Plan":
+        if check:
+            check_plan_json(d)
         d = dict(d)
         d["stages"] = tuple(StageSpec(**{**s, "block_names": tuple(s["block_names"]), "ranks": tuple(s["ranks"]),
                                          "shares": tuple(s["shares"]), "outputs": tuple(s["outputs"]),
@@ -129,7 +133,7 @@ class Plan:
         d["grad_groups"] = tuple(GradGroup(tuple(g["ranks"]), tuple(g["params"])) for g in d["grad_groups"])
         d["idle_devices"] = tuple(d["idle_devices"])
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known}, sources=sources or {})
+        return cls(**{k: v for k, v in d.items() if k in known}, sources=sources or {}, timings=timings or {})
 
     def to_json_text(self) -> str:
         return dumps(self.to_json())
@@ -138,16 +142,66 @@ class Plan:
         """Write plan.json and the programs into ``out_dir`` atomically (a temporary directory renamed at the end)."""
         from hetcompile.output import write_atomically
 
-        files = {"plan.json": self.to_json_text(), **self.sources}
+        from hetcompile.timeline import chrome_trace, plan_timeline, timeline_png
+
+        timeline = plan_timeline(self)
+        files = {"plan.json": self.to_json_text(), **self.sources,
+                 "timeline.json": json.dumps(chrome_trace(self, timeline)) + "\n",
+                 "timeline.png": timeline_png(self, timeline)}
+        if self.timings:
+            # Apart from plan.json: wall times vary run to run, plan.json must not.
+            files[TIMINGS_FILE] = dumps(self.timings)
         return write_atomically(Path(out_dir), files, force=force)
 
     def summary(self) -> str:
+        """The short report the CLI prints after compiling.
+
+        >>> print(load("out/gpt2").summary())  # doctest: +SKIP
+        """
         from hetcompile.report import summary
 
         return summary(self)
 
+    def explain(self, *, time_limit_s: float = 10.0) -> str:
+        """Why this plan: its bottleneck and the predicted step time of rejected alternatives.
+
+        >>> print(load("out/gpt2").explain())  # doctest: +SKIP
+        """
+        from hetcompile.explain import explain, format_explain
+
+        return format_explain(explain(self, time_limit_s=time_limit_s))
+
+    def timeline(self, path: str | Path) -> Path:
+        """Write the predicted timeline: a ``.json`` path gets a Chrome trace (Perfetto), anything else a PNG.
+
+        >>> load("out/gpt2").timeline("gpt2.png")  # doctest: +SKIP
+        """
+        from hetcompile.timeline import chrome_trace, timeline_png
+
+        path = Path(path)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(chrome_trace(self)) + "\n")
+        else:
+            path.write_bytes(timeline_png(self))
+        return path
+
+    def model_costs(self):
+        """The model's blocks as :class:`~hetcompile.ir.ModelCosts` (stored in plan.json by the compiler)."""
+        from hetcompile.ir import Block, ModelCosts
+
+        if not self.costs:
+            raise UserError("This plan has no model costs (plan.json has no \"costs\"); it was made by an older "
+                            "hetcompile. Recompile the plan to inspect its alternatives.")
+        return ModelCosts(tuple(Block(**b) for b in self.costs["blocks"]), self.costs["global_batch"],
+                          self.costs["dtype"])
+
     def program(self, rank: int) -> str:
-        """The emitted source of one rank."""
+        """The emitted source of one rank.
+
+        >>> print(load("out/gpt2").program(0))  # doctest: +SKIP
+        """
+        if f"rank_{rank}.py" not in self.sources:
+            raise UserError(f"Rank {rank} does not exist: this plan has ranks 0..{self.world_size - 1}.")
         return self.sources[f"rank_{rank}.py"]
 
 
@@ -185,5 +239,44 @@ def load(path: str | Path) -> Plan:
     except json.JSONDecodeError as e:
         raise UserError(f"{plan_file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}). "
                         "Recompile the plan.") from e
+    try:
+        check_plan_json(d)
+    except UserError as e:
+        raise UserError(f"{plan_file}: {e}") from None
     sources = {p.name: p.read_text() for p in plan_file.parent.glob("*.py")}
-    return Plan.from_json(d, sources)
+    timings_file = plan_file.parent / TIMINGS_FILE
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    return Plan.from_json(d, sources, timings, check=False)
+
+
+def plan_schema() -> dict:
+    """The JSON Schema of plan.json (``hetcompile/plan_schema.json``, shipped in the package)."""
+    return json.loads((Path(__file__).parent / "plan_schema.json").read_text())
+
+
+def check_plan_json(d: Any) -> None:
+    """Raise UserError naming what is wrong when ``d`` is not a plan.json this hetcompile reads.
+
+    The version is checked first: a newer file may fail the schema for reasons
+    that only an upgrade fixes, and the user should be told that, not the symptom.
+    """
+    import jsonschema
+
+    if not isinstance(d, dict):
+        raise UserError(f"plan.json must hold a JSON object, found {type(d).__name__}. Recompile the plan.")
+    version = d.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"plan.json has no valid schema_version (found {version!r}); it was not written by "
+                        "hetcompile or was edited by hand. Recompile the plan.")
+    if version > SCHEMA_VERSION:
+        raise UserError(f"plan.json has schema_version {version}, newer than the version {SCHEMA_VERSION} this "
+                        "hetcompile reads: it was written by a newer hetcompile. Upgrade hetcompile, or recompile "
+                        "the plan with this one.")
+    if version < SCHEMA_VERSION:
+        raise UserError(f"plan.json has schema_version {version}, older than the version {SCHEMA_VERSION} this "
+                        "hetcompile reads. Recompile the plan with this version of hetcompile.")
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(plan_schema()).iter_errors(d))
+    if error is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+        raise UserError(f"plan.json does not match the plan schema at {where or 'the top level'}: "
+                        f"{error.message}. The file was damaged or edited by hand; recompile the plan.")

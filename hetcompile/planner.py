@@ -1,4 +1,4 @@
-"""The planner: pipeline stages, device groups and batch shares from an ILP (OR-Tools CP-SAT).
+"""The planner: pipeline stages, device groups, batch shares and recompute from CP-SAT (OR-Tools).
 
 Plain data in (:class:`~hetcompile.ir.ModelCosts`, :class:`~cost_models.cluster.Cluster`),
 a :class:`PlanDecision` out. Predictions (times) stay in the :class:`SolverReport`.
@@ -6,83 +6,95 @@ a :class:`PlanDecision` out. Predictions (times) stay in the :class:`SolverRepor
 Formulation
 ===========
 
-Notation. Blocks ``0..B-1`` in order; device types ``k`` with ``N_k`` devices;
-``M`` micro-batches of ``b = global_batch / M`` samples; ``S`` pipeline stages.
-The planner solves one CP-SAT model per ``S = 1..min(max_stages, B, #devices)``
-and keeps the best (ties go to fewer stages).
+Notation. Blocks ``0..B-1`` in order; device types ``k`` with ``N_k`` devices
+(the largest node of type ``k`` holds ``L_k``); ``M`` micro-batches of
+``b = global_batch / M`` samples; ``S`` pipeline stages. Every per-block cost is
+an integer prefix array over block positions ``p = 0..B`` (time in units of
+1/TIME_UNITS_PER_S s, memory in bytes), built once by :class:`_Problem`:
+``Tk[p]`` per-sample forward+backward time on type ``k``, ``Rk[p]`` the same
+with recompute (one more forward), ``P[p]`` parameter bytes, ``A[p]``
+activation bytes per sample, ``I[p]`` bytes per sample entering a stage that
+starts at ``p``, ``X[p]`` the time to send a micro-batch's activations and
+their gradients across cut ``p`` (inter-node link), ``Wc[p]`` twice the
+parameter bytes over the bandwidth of link class ``c`` (inter-node, or
+intra-node of type ``k``).
 
-Candidates. For stage position ``s`` a candidate is a contiguous block interval
-``[i, j]`` and a device group ``g = (n_k)_k`` (``n_k`` devices of type ``k``;
-types may mix). Groups enumerate every ``n_k in 0..N_k`` when ``N_k <= 16``,
-otherwise only ``0``, the powers of two and ``N_k`` (a cap that keeps big
-clusters tractable; finer groups are a later issue), with ``1 <= sum n_k <= b``
-so that every device gets at least one sample. Per candidate, precomputed by
-:meth:`_Problem.candidate` (the one cost function the ILP, :func:`brute_force`
-and the memory filter share):
+Size. The model for ``S`` stages has O(S x types) variables: a stage is two
+cut positions indexing the prefix arrays (CP-SAT ``element``), and devices are
+counted per type, never enumerated. Depth (B) only lengthens constant arrays;
+device count only widens domains. Repeated identical layers therefore cost
+nothing extra, and 1,024 devices cost what 16 do.
 
-- ``t_k(i, j)``: per-sample forward+backward roofline time of the interval on type ``k``;
-- ``T = b / sum_k (n_k / t_k)  +  P2P``: the micro-batch split across the group in
-  proportion to speed (a type-``k`` device takes ``q_k = b / t_k / sum(n/t)`` samples),
-  plus ``P2P = 2 * p2p(b * out_bytes)`` for each of the input and output cuts
-  (activations forward, their gradients backward), always priced at the
-  inter-node bandwidth and latency: neighbouring stages usually sit on other
-  nodes or other device types, and it keeps the cost independent of the neighbour;
-- ``AR``: ring all-reduce of the interval's parameter bytes over the group, at
-  the intra-node bandwidth when the group is one type and fits in one node of
-  that type, else at the inter-node bandwidth.
+Variables, per stage ``s``:
+    ``cut[s]``: the stage runs blocks ``cut[s] .. cut[s+1]-1`` (``cut[0] = 0``, ``cut[S] = B``);
+    ``n[s,k]``: type-``k`` devices in the stage (data parallel);
+    ``q[s,k]``: samples of each micro-batch a type-``k`` device takes, at most
+    (uneven shares: a fast type takes more);
+    ``rc[s]``: the stage recomputes its activations in backward;
+    ``cls[s,c]``: the link class of the stage's all-reduce;
+    ``T[s]``: stage time per micro-batch; ``AR[s]``: its gradient all-reduce.
+    ``z``: the bottleneck stage time; ``w``: the slowest all-reduce.
 
-Memory is a filter, not a constraint: a candidate is dropped when a type-``k``
-device of the group would exceed its memory,
-``device_memory_bytes(P(i,j), A(i,j), ceil(q_k) * in_flight(s)) > mem_k``, with
-``in_flight(s) = M`` for GPipe and ``min(M, S - s)`` for 1F1B. ``ceil(q_k)``
-bounds the integer share each device finally gets.
+Objective (integer time units)::
 
-Variables.
-    ``x[s, i, j, g]`` in {0, 1}: stage ``s`` runs blocks ``i..j`` on group ``g``.
-    ``z >= 0``: the bottleneck stage time.  ``w >= 0``: the slowest all-reduce.
+    minimise  sum_s T[s]  +  (M - 1) * z  +  w
 
-Objective (integer units of 1/TIME_UNITS_PER_S seconds)::
-
-    minimise  sum_s T_s  +  (M - 1) * z  +  w
-    where T_s = sum_c T_c x[s, c]  and  AR_s = sum_c AR_c x[s, c]
-
-i.e. fill-and-drain of one micro-batch through every stage, then the other
-``M - 1`` micro-batches at the pace of the slowest stage, then the gradient
-all-reduces (which run concurrently across stages, so the slowest one counts).
+fill-and-drain of one micro-batch through every stage, the other ``M - 1``
+micro-batches at the pace of the slowest stage, then the all-reduces (which
+run concurrently across stages, so the slowest one counts).
 
 Constraints (method that adds them):
 
-- one candidate per stage, ``sum_c x[s, c] = 1``                      (:meth:`_StageModel.add_one_candidate_per_stage`)
-- contiguous tiling: stage 0 starts at block 0, the last stage ends at
-  block B-1, and ``sum_{c ends at p-1} x[s, c] = sum_{c starts at p} x[s+1, c]``
-  for every cut ``p``                                                  (:meth:`_StageModel.add_contiguous_tiling`)
-- devices per type: ``sum_{s,c} n_k(c) x[s, c] <= N_k`` (idle devices allowed)
-                                                                       (:meth:`_StageModel.add_device_counts`)
-- bottlenecks: ``z >= T_s`` and ``w >= AR_s`` for every ``s``           (:meth:`_StageModel.add_bottlenecks`)
+- contiguous stages: ``cut[s] + 1 <= cut[s+1]``                         (:meth:`_StageModel.add_contiguous_stages`)
+- shares cover the micro-batch: ``sum_k n[s,k] q[s,k] >= b``, ``1 <= sum_k n[s,k] <= b``,
+  ``n[s,k] >= 1  <=>  q[s,k] >= 1``                                       (:meth:`_StageModel.add_shares`)
+- devices per type: ``sum_s n[s,k] <= N_k`` (idle devices allowed)        (:meth:`_StageModel.add_device_counts`)
+- stage time: ``T[s] >= q[s,k] (Tk[cut[s+1]] - Tk[cut[s]]) + X[cut[s]] + X[cut[s+1]]``,
+  with ``Rk`` for ``Tk`` when ``rc[s]``                                     (:meth:`_StageModel.add_stage_times`)
+- memory, when ``n[s,k] >= 1``: ``(2 + adam) P(s) + q[s,k] f_s A(s) <= mem_k``, or with
+  recompute ``(2 + adam) P(s) + q[s,k] (f_s I[cut[s]] + A(s)) <= mem_k``, where
+  ``f_s = M`` (GPipe) or ``min(M, S - s)`` (1F1B) micro-batches in flight
+  (:func:`cost_models.memory.stage_memory_bytes`)                          (:meth:`_StageModel.add_memory`)
+- link-aware all-reduce: ``cls[s, intra k]`` only when the stage uses type ``k``
+  alone and ``n[s,k] <= L_k`` (one node); then
+  ``AR[s] >= ceil(F(n_s) Wc(s)) + 2 (n_s - 1) lat_c``, ``F(n) = (n-1)/n`` in
+  permille, ``n_s = sum_k n[s,k]``                                          (:meth:`_StageModel.add_allreduce`)
+- bottlenecks: ``z >= T[s]``, ``w >= AR[s]``; valid cuts ``z >= z_min`` (every
+  device busy on its share of the work) and ``sum_s T[s] >= z``            (:meth:`_StageModel.add_bottlenecks`)
 
-After solving, group counts become concrete devices (:func:`_place_devices`:
-one stage's devices of one type on as few nodes as possible) and integer
-shares proportional to speed by largest remainder, each >= 1
-(:func:`_integer_shares`). :func:`step_time_s` re-evaluates a decision with
-those integer shares and the actual links; the ILP works with the continuous
-shares above.
+The search around the model (:func:`solve`): a constructive heuristic
+(:func:`_heuristic`, proportional device mix per stage, type-pure stages, one
+type alone) scores every micro-batch count (when ``num_microbatches`` is None),
+schedule (when ``schedule="auto"``) and stage count on a ladder (every ``S``
+up to 12, then steps of about 25%); CP-SAT then solves one model per stage
+count for the best-scoring micro-batch count and schedule, hinted with the
+heuristic plan and cut off at the incumbent. The plan is never worse than the
+heuristic. The reported gap is against the smallest CP-SAT bound over the
+stage counts solved. Deterministic time limits, a fixed seed and worker count
+make the same input give the same plan.
+
+After solving, counts become concrete devices (:func:`_place_devices`: one
+stage's devices of one type on as few nodes as possible) and integer shares
+(each device ``<= q[s,k]``, summing to ``b``). The cost of one stage, shared by
+the model, :func:`brute_force` and the heuristic, is :meth:`_Problem.stage_cost`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ortools.sat.python import cp_model
 
 from cost_models.cluster import Cluster
-from cost_models.comm import allreduce_time_s, p2p_time_s, ring_allreduce_time_s
+from cost_models.comm import allreduce_time_s, p2p_time_s
 from cost_models.devices import DeviceType
-from cost_models.memory import device_memory_bytes
+from cost_models.memory import STATIC_BYTES_PER_PARAM_BYTE, stage_memory_bytes
 from cost_models.roofline import block_time_s
 from hetcompile.errors import UserError
 from hetcompile.ir import ModelCosts
@@ -91,14 +103,21 @@ logger = logging.getLogger(__name__)
 
 SCHEDULES = ("gpipe", "1f1b")
 # CP-SAT needs integer costs. Nanoseconds: a 100 us stage rounded to whole
-# microseconds would be off by 1%, and even a 1e4 s step x 1e3 micro-batches
+# microseconds would be off by 1%, and a 1e4 s step x 1e3 micro-batches
 # (1e16 ns) stays far from int64 overflow.
 TIME_UNITS_PER_S = 1_000_000_000
-# Per device type, every group size 0..N_k is tried up to this many devices;
-# beyond it only powers of two and N_k (keeps big clusters tractable).
-MAX_FULL_GROUP_COUNT = 16
-# A block with no FLOPs and no bytes would make a group's speed infinite.
-_MIN_SAMPLE_TIME_S = 1e-15
+# The ring all-reduce factor (n-1)/n in integer permille.
+_PERMILLE = 1000
+# Every stage count up to this is solved; beyond it, a ladder of ~25% steps.
+FULL_STAGE_LADDER = 12
+# Micro-batch counts tried when the caller leaves them to the planner.
+MAX_MICROBATCHES = 64
+# Deterministic-time budget (CP-SAT's machine-independent work units, about a
+# second each) per stage-count model: enough to improve the hint and prove
+# small instances optimal, and it keeps 1,024 devices x 96 layers in seconds.
+DETERMINISTIC_TIME_PER_MODEL = 1.0
+# A block with no FLOPs and no bytes would make a device's time zero.
+_MIN_SAMPLE_UNITS = 1
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,7 @@ class StageDecision:
     last_block: int  # inclusive; stages are contiguous and in order
     devices: tuple[int, ...]  # Cluster device indices, data parallel inside the stage
     shares: tuple[int, ...]  # samples of each micro-batch each device handles (>= 1, sum = micro-batch size)
+    recompute: bool = False  # rebuild activations in backward (keeps one micro-batch's activations)
 
 
 @dataclass(frozen=True)
@@ -114,11 +134,12 @@ class PlanDecision:
     stages: tuple[StageDecision, ...]
     num_microbatches: int
     microbatch_size: int
+    schedule: str = "1f1b"  # the pipeline schedule the plan was chosen for
 
 
 @dataclass(frozen=True)
 class SolverReport:
-    status: str  # "OPTIMAL" or "FEASIBLE"
+    status: str  # "OPTIMAL" (proven over the search space) or "FEASIBLE"
     gap: float  # (objective - best_bound) / objective; 0 when optimal
     objective_s: float
     best_bound_s: float
@@ -127,36 +148,65 @@ class SolverReport:
 
 
 @dataclass(frozen=True)
-class _Candidate:
-    """Stage ``stage`` of ``num_stages`` runs blocks ``first..last`` on ``counts[k]`` devices of type k."""
+class _Stage:
+    """One stage as the model sees it: blocks first..last, per type a device count and a max share."""
 
-    stage: int
     first_block: int
     last_block: int
     counts: tuple[int, ...]  # per type, in Cluster.device_types order
-    time_units: int  # T: per-micro-batch fwd+bwd compute plus p2p
-    allreduce_units: int  # AR
+    shares: tuple[int, ...]  # per type: the most samples of a micro-batch one device takes (0 if unused)
+    recompute: bool = False
 
 
-def _group_sizes(available: int) -> list[int]:
-    if available <= MAX_FULL_GROUP_COUNT:
-        return list(range(available + 1))
-    sizes = {0, available}
-    p = 1
-    while p <= available:
-        sizes.add(p)
-        p *= 2
-    return sorted(sizes)
+@dataclass(frozen=True)
+class _Choice:
+    """A whole candidate plan for fixed M, schedule and S: its stages and integer objective."""
+
+    stages: tuple[_Stage, ...]
+    objective_units: int
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _prefix(values: Sequence[float], scale: float, ceil: bool = False) -> list[int]:
+    """Integer prefix sums of ``values * scale``: rounding the running sum keeps every interval exact."""
+    out, acc = [0], 0.0
+    for v in values:
+        acc += v * scale
+        out.append(int(math.ceil(acc - 1e-9)) if ceil else round(acc))
+    return out
+
+
+def stage_ladder(limit: int) -> list[int]:
+    """Stage counts tried: all up to FULL_STAGE_LADDER, then steps of about 25%, and ``limit`` itself.
+
+    >>> stage_ladder(40)
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15, 19, 24, 30, 38, 40]
+    """
+    out = list(range(1, min(limit, FULL_STAGE_LADDER) + 1))
+    s = FULL_STAGE_LADDER
+    while True:
+        s = max(s + 1, round(s * 1.25))
+        if s >= limit:
+            break
+        out.append(s)
+    if limit > FULL_STAGE_LADDER:
+        out.append(limit)
+    return out
 
 
 class _Problem:
-    """Validated inputs and the per-candidate cost function shared by the ILP and brute force."""
+    """Validated inputs for one (micro-batch count, schedule) and the integer cost arrays."""
 
-    def __init__(self, costs: ModelCosts, cluster: Cluster, num_microbatches: int, schedule: str):
+    def __init__(self, costs: ModelCosts, cluster: Cluster, num_microbatches: int, schedule: str,
+                 allow_recompute: bool = False):
         if schedule not in SCHEDULES:
-            raise UserError(f"Unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
+            raise UserError(f"Unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} or 'auto'.")
         if not isinstance(num_microbatches, int) or num_microbatches < 1:
-            raise UserError(f"num_microbatches is {num_microbatches!r}; it must be a positive integer.")
+            raise UserError(f"num_microbatches is {num_microbatches!r}; it must be a positive integer "
+                            "(or None to let the planner choose).")
         if costs.num_blocks == 0:
             raise UserError("The model has no blocks to place; check that capture found the layers.")
         if costs.global_batch % num_microbatches:
@@ -164,35 +214,45 @@ class _Problem:
             raise UserError(
                 f"The global batch {costs.global_batch} is not divisible by num_microbatches={num_microbatches}. "
                 f"Pick a number of micro-batches that divides it ({', '.join(map(str, divisors[:12]))}"
-                f"{', ...' if len(divisors) > 12 else ''}) or change the batch."
+                f"{', ...' if len(divisors) > 12 else ''}), pass None to let the planner choose, or change the batch."
             )
         self.costs = costs
         self.cluster = cluster
         self.schedule = schedule
+        self.allow_recompute = allow_recompute
         self.num_microbatches = num_microbatches
-        self.microbatch_size = costs.global_batch // num_microbatches
+        self.microbatch_size = b = costs.global_batch // num_microbatches
         self.types: tuple[DeviceType, ...] = cluster.device_types
         self.available = tuple(cluster.count_of(t.name) for t in self.types)
+        self.node_max = tuple(max(n.count for n in cluster.nodes if n.device == t.name) for t in self.types)
         self.type_index = {t.name: k for k, t in enumerate(self.types)}
-
         blocks = costs.blocks
-        # Prefix sums so an interval's totals are O(1).
-        self._time_prefix = []
+        nb = len(blocks)
+        self.time_prefix, self.rc_prefix = [], []
         for t in self.types:
-            acc = [0.0]
-            for block in blocks:
-                fwd_s, bwd_s = block_time_s(block, t, costs.dtype)
-                acc.append(acc[-1] + fwd_s + bwd_s)
-            self._time_prefix.append(acc)
-        self._param_prefix = list(itertools.accumulate((b.param_bytes for b in blocks), initial=0))
-        self._act_prefix = list(itertools.accumulate((b.act_bytes_per_sample for b in blocks), initial=0.0))
-
-        self.groups = [
-            g
-            for g in itertools.product(*(_group_sizes(n) for n in self.available))
-            if 1 <= sum(g) <= self.microbatch_size
-        ]
-        self._cache: dict[tuple, _Candidate | None] = {}
+            per = [block_time_s(block, t, costs.dtype) for block in blocks]
+            self.time_prefix.append(_prefix([f + bw for f, bw in per], TIME_UNITS_PER_S))
+            self.rc_prefix.append(_prefix([2 * f + bw for f, bw in per], TIME_UNITS_PER_S))
+        self.param_prefix = list(itertools.accumulate((blk.param_bytes for blk in blocks), initial=0))
+        self.act_prefix = _prefix([blk.act_bytes_per_sample for blk in blocks], 1.0, ceil=True)
+        self.in_bytes = [0] + [int(math.ceil(blk.out_bytes_per_sample)) for blk in blocks[:-1]] + [0]
+        inter_bw, inter_lat = cluster.inter_node_bw_bytes_per_s, cluster.inter_node_latency_s
+        # Pipeline traffic always priced at the inter-node link: neighbouring stages usually
+        # sit on other nodes or types, and it keeps a stage's cost independent of its neighbours.
+        # send[p]: one micro-batch's activations across cut p, one direction (the gradients go back
+        # the other way on a full-duplex link, concurrently).
+        self.send = [0] * (nb + 1)
+        for p in range(1, nb):
+            self.send[p] = round(p2p_time_s(b * blocks[p - 1].out_bytes_per_sample, inter_bw, inter_lat)
+                                 * TIME_UNITS_PER_S)
+        # Link classes of a stage's all-reduce: 0 = inter-node, 1 + k = inside one node of type k.
+        self.link_bw = [inter_bw] + [min(n.intra_node_GBps for n in cluster.nodes if n.device == t.name) * 1e9
+                                     for t in self.types]
+        self.link_lat_units = [round(inter_lat * TIME_UNITS_PER_S)] + [
+            round(cluster.intra_node_latency_s * TIME_UNITS_PER_S)] * len(self.types)
+        self.ar_prefix = [_prefix([2 * blk.param_bytes / bw for blk in blocks], TIME_UNITS_PER_S)
+                          for bw in self.link_bw]
+        self.ring_factor = [0] + [round(_PERMILLE * (n - 1) / n) for n in range(1, b + 1)]
 
     @property
     def num_blocks(self) -> int:
@@ -206,294 +266,496 @@ class _Problem:
             limit = min(limit, max_stages)
         return limit
 
-    def sample_time_s(self, k: int, first: int, last: int) -> float:
-        """Per-sample forward+backward seconds of blocks first..last on type k."""
-        return max(self._time_prefix[k][last + 1] - self._time_prefix[k][first], _MIN_SAMPLE_TIME_S)
-
-    def param_bytes(self, first: int, last: int) -> int:
-        return self._param_prefix[last + 1] - self._param_prefix[first]
-
-    def act_bytes_per_sample(self, first: int, last: int) -> float:
-        return self._act_prefix[last + 1] - self._act_prefix[first]
-
     def in_flight(self, num_stages: int, stage: int) -> int:
         """Micro-batches whose activations a stage holds at its peak."""
         if self.schedule == "gpipe":
             return self.num_microbatches
         return min(self.num_microbatches, num_stages - stage)
 
-    def p2p_s(self, first: int, last: int) -> float:
-        """Activations in and out of the interval (forward) and their gradients (backward)."""
-        blocks, b = self.costs.blocks, self.microbatch_size
-        bw, lat = self.cluster.inter_node_bw_bytes_per_s, self.cluster.inter_node_latency_s
-        total = 0.0
-        if first > 0:
-            total += 2 * p2p_time_s(b * blocks[first - 1].out_bytes_per_sample, bw, lat)
-        if last < self.num_blocks - 1:
-            total += 2 * p2p_time_s(b * blocks[last].out_bytes_per_sample, bw, lat)
-        return total
+    def sample_units(self, k: int, first: int, last: int, recompute: bool = False) -> int:
+        prefix = self.rc_prefix[k] if recompute else self.time_prefix[k]
+        return max(prefix[last + 1] - prefix[first], _MIN_SAMPLE_UNITS)
 
-    def group_allreduce_s(self, counts: tuple[int, ...], num_bytes: float) -> float:
-        n = sum(counts)
+    def param_bytes(self, first: int, last: int) -> int:
+        return self.param_prefix[last + 1] - self.param_prefix[first]
+
+    def memory_bytes(self, num_stages: int, s: int, first: int, last: int, share: int, recompute: bool) -> int:
+        return stage_memory_bytes(self.param_bytes(first, last), self.act_prefix[last + 1] - self.act_prefix[first],
+                                  self.in_bytes[first], share, self.in_flight(num_stages, s), recompute)
+
+    def max_share(self, k: int, num_stages: int, s: int, first: int, last: int, recompute: bool) -> int:
+        """The most samples per micro-batch a type-k device holds in memory there (0 if not even one)."""
+        lo, hi = 0, self.microbatch_size
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.memory_bytes(num_stages, s, first, last, mid, recompute) <= self.types[k].mem_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def link_class(self, counts: Sequence[int]) -> int:
         used = [k for k, c in enumerate(counts) if c]
-        bw, lat = self.cluster.inter_node_bw_bytes_per_s, self.cluster.inter_node_latency_s
-        if len(used) == 1:
-            name = self.types[used[0]].name
-            fitting = [node.intra_node_GBps for node in self.cluster.nodes if node.device == name and node.count >= n]
-            if fitting:
-                bw, lat = min(fitting) * 1e9, self.cluster.intra_node_latency_s
-        return ring_allreduce_time_s(num_bytes, n, bw, lat)
+        if len(used) == 1 and counts[used[0]] <= self.node_max[used[0]]:
+            return 1 + used[0]
+        return 0
 
-    def candidate(self, num_stages: int, stage: int, first: int, last: int, counts: tuple[int, ...]) -> _Candidate | None:
-        """The cost of one candidate, or None when a device of the group runs out of memory."""
-        key = (num_stages, stage, first, last, counts)
-        if key not in self._cache:
-            self._cache[key] = self._candidate_cost(num_stages, stage, first, last, counts)
-        return self._cache[key]
+    def allreduce_units(self, first: int, last: int, counts: Sequence[int]) -> int:
+        n = sum(counts)
+        c = self.link_class(counts)
+        volume = self.ar_prefix[c][last + 1] - self.ar_prefix[c][first]
+        return _ceil_div(self.ring_factor[n] * volume, _PERMILLE) + 2 * (n - 1) * self.link_lat_units[c]
 
-    def _candidate_cost(self, num_stages, stage, first, last, counts) -> _Candidate | None:
-        b = self.microbatch_size
-        times = [self.sample_time_s(k, first, last) for k in range(len(self.types))]
-        rate_per_s = sum(n / t for n, t in zip(counts, times))
-        params = self.param_bytes(first, last)
-        acts = self.act_bytes_per_sample(first, last)
-        in_flight = self.in_flight(num_stages, stage)
-        for k, n in enumerate(counts):
-            if n == 0:
-                continue
-            quota = b / times[k] / rate_per_s
-            # ceil(quota) bounds the largest-remainder integer share; the epsilon
-            # keeps 3.0000000001 from rounding up to 4.
-            share = max(1, math.ceil(quota - 1e-9))
-            if device_memory_bytes(params, acts, share * in_flight) > self.types[k].mem_bytes:
-                return None
-        time_s = b / rate_per_s + self.p2p_s(first, last)
-        allreduce_s = self.group_allreduce_s(counts, params)
-        return _Candidate(
-            stage, first, last, counts,
-            time_units=round(time_s * TIME_UNITS_PER_S),
-            allreduce_units=round(allreduce_s * TIME_UNITS_PER_S),
-        )
+    def stage_cost(self, num_stages: int, s: int, st: _Stage) -> tuple[int, int] | None:
+        """(C, AR) of one stage in time units (compute per micro-batch, all-reduce), or None when it is not a valid stage (shares, memory).
 
-    def candidates(self, num_stages: int) -> list[list[_Candidate]]:
-        """Per stage, every candidate that fits in memory, in a fixed order."""
-        nb, out = self.num_blocks, []
-        for s in range(num_stages):
-            # Every stage needs at least one block, so stage s starts at block >= s
-            # and leaves one block for each later stage. Stage 0 starts at block 0
-            # and the last stage ends at the last block (tiling, see add_contiguous_tiling).
-            firsts = [0] if s == 0 else range(s, nb - (num_stages - s) + 1)
-            per_stage = []
-            for i in firsts:
-                lasts = [nb - 1] if s == num_stages - 1 else range(i, nb - (num_stages - s) + 1)
-                for j in lasts:
-                    for g in self.groups:
-                        c = self.candidate(num_stages, s, i, j, g)
-                        if c is not None:
-                            per_stage.append(c)
-            out.append(per_stage)
-        return out
-
-    def prune(self, candidates: list[list[_Candidate]], cutoff_units: int | None) -> list[list[_Candidate]]:
-        """Drop candidates that no tiling, or no plan cheaper than ``cutoff_units``, can use.
-
-        Exact (it never drops part of such a plan), repeated to a fixed point:
-
-        - reachability: stage s on [i, j] needs a stage s-1 candidate ending at
-          i-1 and a stage s+1 candidate starting at j+1;
-        - bound: a plan using c at stage s costs at least
-          ``M * T_c + AR_c + sum_{s' != s} min T_{s'}`` (c's time counts in the
-          fill-and-drain sum and in z, its all-reduce in w).
-
-        The ILP is the same without it; pruning only makes it smaller, which is
-        what lets CP-SAT prove quickly that more stages do not beat fewer.
+        The one cost function: the CP-SAT model encodes exactly these formulas.
         """
-        m = self.num_microbatches
-        while True:
-            before = sum(map(len, candidates))
-            ends = [{c.last_block for c in per_stage} for per_stage in candidates]
-            starts = [{c.first_block for c in per_stage} for per_stage in candidates]
-            last = len(candidates) - 1
-            candidates = [
-                [c for c in per_stage
-                 if (s == 0 or c.first_block - 1 in ends[s - 1]) and (s == last or c.last_block + 1 in starts[s + 1])]
-                for s, per_stage in enumerate(candidates)
-            ]
-            if cutoff_units is not None and all(candidates):
-                min_times = [min(c.time_units for c in per_stage) for per_stage in candidates]
-                total_min = sum(min_times)
-                candidates = [
-                    [c for c in per_stage
-                     if m * c.time_units + c.allreduce_units + total_min - min_times[s] < cutoff_units]
-                    for s, per_stage in enumerate(candidates)
-                ]
-            if not all(candidates) or sum(map(len, candidates)) == before:
-                return candidates
+        b, n = self.microbatch_size, sum(st.counts)
+        if not 1 <= n <= b or sum(c * q for c, q in zip(st.counts, st.shares)) < b:
+            return None
+        compute = 0
+        for k, (c, q) in enumerate(zip(st.counts, st.shares)):
+            if (c > 0) != (q > 0):
+                return None
+            if c == 0:
+                continue
+            mem = self.memory_bytes(num_stages, s, st.first_block, st.last_block, q, st.recompute)
+            if mem > self.types[k].mem_bytes:
+                return None
+            compute = max(compute, q * self.sample_units(k, st.first_block, st.last_block, st.recompute))
+        return compute, self.allreduce_units(st.first_block, st.last_block, st.counts)
 
-    def lower_bound_units(self, candidates: list[list[_Candidate]]) -> int:
-        """Every stage costs at least its cheapest candidate: a bound that holds
-        even when the solver stops before proving one."""
-        min_times = [min(c.time_units for c in per_stage) for per_stage in candidates]
-        min_allreduce = max(min(c.allreduce_units for c in per_stage) for per_stage in candidates)
-        return sum(min_times) + (self.num_microbatches - 1) * max(min_times) + min_allreduce
+    def objective_units(self, stages: Sequence[_Stage]) -> int | None:
+        """sum C + 2 sum_cuts send + (M - 1) max(max C, max send) + max AR, or None when a stage
+        is invalid or devices run out."""
+        for k, available in enumerate(self.available):
+            if sum(st.counts[k] for st in stages) > available:
+                return None
+        costs = [self.stage_cost(len(stages), s, st) for s, st in enumerate(stages)]
+        if any(c is None for c in costs):
+            return None
+        times = [c[0] for c in costs]
+        sends = [self.send[st.first_block] for st in stages[1:]]
+        return (sum(times) + 2 * sum(sends) + (self.num_microbatches - 1) * max(times + sends)
+                + max(c[1] for c in costs))
 
-    def objective_units(self, choice: Sequence[_Candidate]) -> int:
-        times = [c.time_units for c in choice]
-        return sum(times) + (self.num_microbatches - 1) * max(times) + max(c.allreduce_units for c in choice)
+    def min_bottleneck_units(self) -> int:
+        """A lower bound on any stage-time bottleneck: the micro-batch's work spread over every device
+        at the best speed ratio any block allows (valid however blocks are split)."""
+        nb, ref = self.num_blocks, 0
+        total_ref = self.sample_units(ref, 0, nb - 1)
+        speed = 0.0
+        for k, available in enumerate(self.available):
+            ratios = [(self.time_prefix[ref][p + 1] - self.time_prefix[ref][p])
+                      / max(self.time_prefix[k][p + 1] - self.time_prefix[k][p], _MIN_SAMPLE_UNITS)
+                      for p in range(nb)]
+            speed += available * max(ratios)
+        return int(self.microbatch_size * total_ref / speed) if speed > 0 else 0
+
+    def lower_bound_units(self, num_stages: int) -> int:
+        """Any plan with S stages costs at least M z_min (the compute sum and the M - 1 bottlenecks
+        are each >= z_min) plus 2 (S - 1) times the cheapest cut's transfer."""
+        nb = self.num_blocks
+        cheapest_send = min(self.send[1:nb]) if nb > 1 else 0
+        return self.num_microbatches * self.min_bottleneck_units() + 2 * (num_stages - 1) * cheapest_send
 
     def no_fit_error(self, max_stages: int) -> UserError:
         total_params = self.param_bytes(0, self.num_blocks - 1)
-        static = device_memory_bytes(total_params, 0, 0)
+        static = STATIC_BYTES_PER_PARAM_BYTE * total_params
         largest = max(self.types, key=lambda t: t.mem_bytes)
         return UserError(
             f"The model fits on no plan for this cluster: it has {total_params / 1e9:.3g} GB of parameters "
             f"({static / 1e9:.3g} GB with gradients and Adam state, before activations), and the largest "
             f"device ({largest.name}) has {largest.mem_GB:g} GB. No split into at most {max_stages} pipeline "
-            f"stage(s) with micro-batches of {self.microbatch_size} sample(s) fits every device. Fixes: add "
+            f"stage(s) with micro-batches of {self.microbatch_size} sample(s) fits every device"
+            f"{'' if not self.allow_recompute else ', even with activation recompute'}. Fixes: add "
             "devices (more stages give each device fewer layers), use more micro-batches or a smaller global "
             "batch (less activation memory per device)"
             + (", or the 1f1b schedule (fewer micro-batches in flight)." if self.schedule == "gpipe" else ".")
         )
 
 
-def _greedy_choice(problem: _Problem, num_stages: int, candidates: list[list[_Candidate]]) -> list[_Candidate] | None:
-    """A quick feasible guess for the solver: blocks split by equal time, devices split evenly.
+# ---------------------------------------------------------------- heuristic plans
 
-    With one stage this is plain data parallelism over every device. Returns None
-    when the guess is not a candidate (out of memory, or too many devices for b).
+
+def _best_shares(problem: _Problem, num_stages: int, s: int, first: int, last: int, counts: Sequence[int],
+                 recompute: bool) -> _Stage | None:
+    """Integer shares minimising the stage's compute time for these device counts (None if infeasible).
+
+    The bottleneck z is the least value at which the devices' capacities
+    ``sum_k n_k min(qmax_k, floor(z / t_k))`` cover the micro-batch; types that
+    take no sample at z are dropped, and devices beyond b are trimmed slowest first.
     """
-    nb = problem.num_blocks
-    total = problem.sample_time_s(0, 0, nb - 1)
-    bounds, start = [], 0
+    b, nt = problem.microbatch_size, len(problem.types)
+    counts = list(counts)
+    times = [problem.sample_units(k, first, last, recompute) for k in range(nt)]
+    caps = [problem.max_share(k, num_stages, s, first, last, recompute) if counts[k] else 0 for k in range(nt)]
+    counts = [c if cap > 0 else 0 for c, cap in zip(counts, caps)]
+    for k in sorted(range(nt), key=lambda k: (-times[k], k)):  # at most b devices: drop the slowest
+        excess = sum(counts) - b
+        if excess > 0:
+            counts[k] -= min(excess, counts[k])
+    if sum(c * cap for c, cap in zip(counts, caps)) < b:
+        return None
+
+    def capacity(z: int) -> int:
+        return sum(c * min(cap, z // t) for c, cap, t in zip(counts, caps, times))
+
+    lo, hi = 0, max(cap * t for c, cap, t in zip(counts, caps, times) if c)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if capacity(mid) >= b:
+            hi = mid
+        else:
+            lo = mid + 1
+    shares = [min(cap, lo // t) if c else 0 for c, cap, t in zip(counts, caps, times)]
+    counts = [c if q > 0 else 0 for c, q in zip(counts, shares)]
+    return _Stage(first, last, tuple(counts), tuple(shares), recompute)
+
+
+def _split_blocks(problem: _Problem, weights: Sequence[float]) -> list[tuple[int, int]] | None:
+    """Contiguous block intervals whose reference time is proportional to ``weights`` (>= 1 block each)."""
+    nb, num_stages = problem.num_blocks, len(weights)
+    if num_stages > nb:
+        return None
+    prefix = problem.time_prefix[0]
+    total, target, bounds, start = prefix[nb], 0.0, [], 0
     for s in range(num_stages):
         if s == num_stages - 1:
             end = nb - 1
         else:
-            target = total * (s + 1) / num_stages
+            target += total * weights[s] / sum(weights)
             end = start
-            while end < nb - (num_stages - s) and problem.sample_time_s(0, 0, end) < target:
+            # Extend while the next block's midpoint is still under the target.
+            while end < nb - (num_stages - s) and (prefix[end + 1] + prefix[end + 2]) / 2 <= target:
                 end += 1
         bounds.append((start, end))
         start = end + 1
-    choice = []
-    for s, (i, j) in enumerate(bounds):
-        counts = tuple(n // num_stages + (s < n % num_stages) for n in problem.available)
-        c = next((c for c in candidates[s] if (c.first_block, c.last_block, c.counts) == (i, j, counts)), None)
-        if c is None:
+    return bounds
+
+
+def _build(problem: _Problem, counts_per_stage: Sequence[Sequence[int]], recompute: bool) -> _Choice | None:
+    """Blocks split in proportion to each stage's device speed, then the best shares; two balancing rounds."""
+    num_stages = len(counts_per_stage)
+    nb = problem.num_blocks
+    speeds = [sum(c / problem.sample_units(k, 0, nb - 1) for k, c in enumerate(counts)) for counts in counts_per_stage]
+    if min(speeds) <= 0:
+        return None
+    best: _Choice | None = None
+    for _ in range(3):
+        bounds = _split_blocks(problem, speeds)
+        if bounds is None:
             return None
-        choice.append(c)
-    return choice
+        stages = []
+        for s, ((i, j), counts) in enumerate(zip(bounds, counts_per_stage)):
+            st = _best_shares(problem, num_stages, s, i, j, counts, recompute)
+            if st is None:
+                break
+            stages.append(st)
+        else:
+            objective = problem.objective_units(stages)
+            if objective is not None and (best is None or objective < best.objective_units):
+                best = _Choice(tuple(stages), objective)
+        # Rebalance: a stage's new weight is its blocks' reference time over its current time.
+        if len(stages) < num_stages:
+            break
+        prefix = problem.time_prefix[0]
+        costs = [problem.stage_cost(num_stages, s, st) for s, st in enumerate(stages)]
+        if any(c is None for c in costs):
+            break
+        speeds = [(prefix[st.last_block + 1] - prefix[st.first_block]) / max(c[0], 1) for st, c in zip(stages, costs)]
+    return best
+
+
+def _spread(total: int, parts: int) -> list[int]:
+    return [total // parts + (s < total % parts) for s in range(parts)]
+
+
+def _heuristic(problem: _Problem, num_stages: int, recompute: bool) -> _Choice | None:
+    """The best of a few constructive plans for S stages (hint for CP-SAT, screening, and the floor).
+
+    - mixed: every stage gets ~1/S of every type's devices;
+    - type-pure: each type gets stages in proportion to its total speed;
+    - one type alone, each type in turn (so the fastest-type-only plan is always a candidate).
+    """
+    nt, b = len(problem.types), problem.microbatch_size
+    layouts: list[list[list[int]]] = []
+    per_type = [_spread(n, num_stages) for n in problem.available]
+    layouts.append([[per_type[k][s] for k in range(nt)] for s in range(num_stages)])
+    for k in range(nt):
+        only = [[0] * nt for _ in range(num_stages)]
+        for s, c in enumerate(_spread(problem.available[k], num_stages)):
+            only[s][k] = c
+        layouts.append(only)
+    if nt > 1 and num_stages >= nt:
+        nb = problem.num_blocks
+        speed = [n / problem.sample_units(k, 0, nb - 1) for k, n in enumerate(problem.available)]
+        # Stages per type in proportion to speed (largest remainder, >= 1 each); big-memory types first,
+        # since early 1F1B stages hold the most micro-batches.
+        quota = [num_stages * v / sum(speed) for v in speed]
+        alloc = [max(1, math.floor(x)) for x in quota]
+        while sum(alloc) > num_stages:
+            alloc[max(range(nt), key=lambda k: (alloc[k] - quota[k], k))] -= 1
+        while sum(alloc) < num_stages:
+            alloc[max(range(nt), key=lambda k: (quota[k] - alloc[k], -k))] += 1
+        if min(alloc) >= 1 and all(problem.available[k] >= alloc[k] for k in range(nt)):
+            order = sorted(range(nt), key=lambda k: (-problem.types[k].mem_bytes, k))
+            pure = []
+            for k in order:
+                for c in _spread(problem.available[k], alloc[k]):
+                    row = [0] * nt
+                    row[k] = c
+                    pure.append(row)
+            layouts.append(pure)
+    best = None
+    for layout in layouts:
+        if any(sum(row) == 0 for row in layout):
+            continue
+        layout = [[min(c, b) for c in row] for row in layout]
+        choice = _build(problem, layout, recompute)
+        if choice is not None and (best is None or choice.objective_units < best.objective_units):
+            best = choice
+    return best
+
+
+# ---------------------------------------------------------------- the CP-SAT model
 
 
 class _StageModel:
-    """The CP-SAT model for a fixed number of stages."""
+    """The CP-SAT model for a fixed number of stages (see the module docstring)."""
 
-    def __init__(self, problem: _Problem, num_stages: int, candidates: list[list[_Candidate]]):
-        self.problem = problem
-        self.num_stages = num_stages
-        self.candidates = candidates
+    def __init__(self, problem: _Problem, num_stages: int):
+        self.problem = p = problem
+        self.num_stages = S = num_stages
         self.model = cp_model.CpModel()
-        self.x: dict[tuple[int, int, int, tuple[int, ...]], cp_model.IntVar] = {}
-        for s, per_stage in enumerate(candidates):
-            for c in per_stage:
-                g = "_".join(map(str, c.counts))
-                self.x[s, c.first_block, c.last_block, c.counts] = self.model.new_bool_var(
-                    f"x_s{s}_b{c.first_block}_{c.last_block}_g{g}"
-                )
-        max_time = max(c.time_units for per_stage in candidates for c in per_stage)
-        max_ar = max(c.allreduce_units for per_stage in candidates for c in per_stage)
+        nb, nt, b = p.num_blocks, len(p.types), p.microbatch_size
+        self._elements: dict[tuple[str, int], cp_model.IntVar | int] = {}
+        self.cut = [0] + [self.model.new_int_var(s, nb - S + s, f"cut_{s}") for s in range(1, S)] + [nb]
+        self.n, self.q, self.used = {}, {}, {}
+        for s in range(S):
+            for k in range(nt):
+                top = min(p.available[k], b)
+                self.n[s, k] = self.model.new_int_var(0, top, f"n_s{s}_k{k}")
+                self.q[s, k] = self.model.new_int_var(0, b, f"q_s{s}_k{k}")
+                self.used[s, k] = self.model.new_bool_var(f"used_s{s}_k{k}")
+        self.rc = {s: (self.model.new_bool_var(f"rc_s{s}") if p.allow_recompute else None) for s in range(S)}
+        max_time = max(b * max(max(pre[-1], rc[-1]) for pre, rc in zip(p.time_prefix, p.rc_prefix)), max(p.send))
+        self.C = [self.model.new_int_var(0, max_time, f"C_s{s}") for s in range(S)]
+        self.send = [self._at("X", p.send, s) for s in range(1, S)]
+        max_ar = max(pre[-1] for pre in p.ar_prefix) + 2 * b * max(p.link_lat_units)
+        self.AR = [self.model.new_int_var(0, max_ar, f"AR_s{s}") for s in range(S)]
         self.z = self.model.new_int_var(0, max_time, "z_bottleneck_stage")
         self.w = self.model.new_int_var(0, max_ar, "w_slowest_allreduce")
-        self.add_one_candidate_per_stage()
-        self.add_contiguous_tiling()
+        self.add_contiguous_stages()
+        self.add_shares()
         self.add_device_counts()
+        self.add_stage_times()
+        self.add_memory()
+        self.add_allreduce()
         self.add_bottlenecks()
         self.set_objective()
 
-    def _var(self, c: _Candidate) -> cp_model.IntVar:
-        return self.x[c.stage, c.first_block, c.last_block, c.counts]
+    def _at(self, name: str, array: Sequence[int], s: int):
+        """``array[cut[s]]`` as a constant or an element-constrained variable (cached)."""
+        cut = self.cut[s]
+        if isinstance(cut, int):
+            return array[cut]
+        key = (name, s)
+        if key not in self._elements:
+            var = self.model.new_int_var(min(array), max(array), f"{name}_at_cut{s}")
+            self.model.add_element(cut, list(array), var)
+            self._elements[key] = var
+        return self._elements[key]
 
-    def add_one_candidate_per_stage(self) -> None:
-        """sum_c x[s, c] = 1 for every stage s."""
-        for per_stage in self.candidates:
-            self.model.add_exactly_one(self._var(c) for c in per_stage)
+    def _interval(self, name: str, array: Sequence[int], s: int):
+        return self._at(name, array, s + 1) - self._at(name, array, s)
 
-    def add_contiguous_tiling(self) -> None:
-        """Stage s+1 starts where stage s ends: for every cut p,
-        sum_{c of s ending at p-1} x = sum_{c of s+1 starting at p} x.
+    def add_contiguous_stages(self) -> None:
+        """cut[s] + 1 <= cut[s+1]: every stage runs at least one block, in order."""
+        for s in range(self.num_stages):
+            self.model.add(self.cut[s] + 1 <= self.cut[s + 1])
 
-        Stage 0 starting at block 0 and the last stage ending at the last block
-        are imposed on the candidates' domains (see _Problem.candidates).
-        """
-        for s in range(self.num_stages - 1):
-            for p in range(1, self.problem.num_blocks):
-                ends = [self._var(c) for c in self.candidates[s] if c.last_block == p - 1]
-                starts = [self._var(c) for c in self.candidates[s + 1] if c.first_block == p]
-                if ends or starts:
-                    self.model.add(sum(ends) == sum(starts))
+    def add_shares(self) -> None:
+        """sum_k n[s,k] q[s,k] >= b, 1 <= sum_k n[s,k] <= b, and n[s,k] >= 1 <=> q[s,k] >= 1 <=> used[s,k]."""
+        b, nt = self.problem.microbatch_size, len(self.problem.types)
+        self.nq = {}
+        for s in range(self.num_stages):
+            for k in range(nt):
+                n, q, used = self.n[s, k], self.q[s, k], self.used[s, k]
+                self.model.add(n >= 1).only_enforce_if(used)
+                self.model.add(q >= 1).only_enforce_if(used)
+                self.model.add(n == 0).only_enforce_if(~used)
+                self.model.add(q == 0).only_enforce_if(~used)
+                self.nq[s, k] = self.model.new_int_var(0, b * min(self.problem.available[k], b), f"nq_s{s}_k{k}")
+                self.model.add_multiplication_equality(self.nq[s, k], [n, q])
+            self.model.add(sum(self.nq[s, k] for k in range(nt)) >= b)
+            self.model.add(sum(self.n[s, k] for k in range(nt)) >= 1)
+            self.model.add(sum(self.n[s, k] for k in range(nt)) <= b)
 
     def add_device_counts(self) -> None:
-        """sum_{s,c} n_k(c) x[s, c] <= N_k for every device type k (devices may stay idle)."""
+        """sum_s n[s,k] <= N_k for every device type k (devices may stay idle)."""
         for k, available in enumerate(self.problem.available):
-            used = [c.counts[k] * self._var(c) for per_stage in self.candidates for c in per_stage if c.counts[k]]
-            if used:
-                self.model.add(sum(used) <= available)
+            self.model.add(sum(self.n[s, k] for s in range(self.num_stages)) <= available)
+
+    def add_stage_times(self) -> None:
+        """C[s] >= q[s,k] t[s,k], t from Tk, or Rk when rc[s]."""
+        p, b = self.problem, self.problem.microbatch_size
+        for s in range(self.num_stages):
+            for k in range(len(p.types)):
+                hi = max(p.time_prefix[k][-1], p.rc_prefix[k][-1])
+                t = self.model.new_int_var(_MIN_SAMPLE_UNITS, hi, f"t_s{s}_k{k}")
+                plain = self._interval(f"T{k}", p.time_prefix[k], s)
+                rc = self.rc[s]
+                if rc is None:
+                    self.model.add(t >= plain)
+                else:
+                    self.model.add(t >= plain).only_enforce_if(~rc)
+                    self.model.add(t >= self._interval(f"R{k}", p.rc_prefix[k], s)).only_enforce_if(rc)
+                compute = self.model.new_int_var(0, b * hi, f"compute_s{s}_k{k}")
+                self.model.add_multiplication_equality(compute, [self.q[s, k], t])
+                self.model.add(self.C[s] >= compute)
+
+    def add_memory(self) -> None:
+        """When used[s,k]: (2 + adam) P(s) + q[s,k] a[s] <= mem_k, with a[s] = f_s A(s), or
+        f_s I[cut[s]] + A(s) when rc[s] (cost_models.memory.stage_memory_bytes)."""
+        p, b = self.problem, self.problem.microbatch_size
+        for s in range(self.num_stages):
+            f = p.in_flight(self.num_stages, s)
+            acts = self._interval("A", p.act_prefix, s)
+            hi = f * (p.act_prefix[-1] + max(p.in_bytes))
+            per_sample = self.model.new_int_var(0, hi, f"act_per_sample_s{s}")
+            rc = self.rc[s]
+            if rc is None:
+                self.model.add(per_sample == f * acts)
+            else:
+                self.model.add(per_sample == f * acts).only_enforce_if(~rc)
+                self.model.add(per_sample == f * self._at("I", p.in_bytes, s) + acts).only_enforce_if(rc)
+            params = self._interval("P", p.param_prefix, s)
+            for k, t in enumerate(p.types):
+                act_mem = self.model.new_int_var(0, b * hi, f"act_mem_s{s}_k{k}")
+                self.model.add_multiplication_equality(act_mem, [self.q[s, k], per_sample])
+                static = int(STATIC_BYTES_PER_PARAM_BYTE) * params
+                self.model.add(static + act_mem <= t.mem_bytes).only_enforce_if(self.used[s, k])
+
+    def add_allreduce(self) -> None:
+        """cls[s, 1+k] only if the stage is type k alone within one node; then
+        AR[s] >= ceil(F(n_s) Wc(s) / 1000) + 2 (n_s - 1) lat_c for the chosen class c."""
+        p, nt, b = self.problem, len(self.problem.types), self.problem.microbatch_size
+        for s in range(self.num_stages):
+            cls = [self.model.new_bool_var(f"cls_s{s}_c{c}") for c in range(nt + 1)]
+            self.model.add_exactly_one(cls)
+            for k in range(nt):
+                self.model.add(self.n[s, k] <= p.node_max[k]).only_enforce_if(cls[1 + k])
+                for other in range(nt):
+                    if other != k:
+                        self.model.add(self.n[s, other] == 0).only_enforce_if(cls[1 + k])
+            n_total = self.model.new_int_var(1, b, f"ntotal_s{s}")
+            self.model.add(n_total == sum(self.n[s, k] for k in range(nt)))
+            factor = self.model.new_int_var(0, _PERMILLE, f"ring_factor_s{s}")
+            self.model.add_element(n_total, p.ring_factor, factor)
+            volume_hi = max(pre[-1] for pre in p.ar_prefix)
+            volume = self.model.new_int_var(0, volume_hi, f"ar_volume_s{s}")
+            for c in range(nt + 1):
+                self.model.add(volume == self._interval(f"W{c}", p.ar_prefix[c], s)).only_enforce_if(cls[c])
+            scaled = self.model.new_int_var(0, _PERMILLE * volume_hi, f"ar_scaled_s{s}")
+            self.model.add_multiplication_equality(scaled, [factor, volume])
+            for c in range(nt + 1):
+                latency = 2 * p.link_lat_units[c] * _PERMILLE
+                self.model.add(_PERMILLE * self.AR[s] >= scaled + latency * (n_total - 1)).only_enforce_if(cls[c])
 
     def add_bottlenecks(self) -> None:
-        """z >= T_s and w >= AR_s for every stage s."""
-        for per_stage in self.candidates:
-            self.model.add(self.z >= sum(c.time_units * self._var(c) for c in per_stage))
-            self.model.add(self.w >= sum(c.allreduce_units * self._var(c) for c in per_stage))
+        """z >= C[s], z >= X[cut[s]], w >= AR[s]; valid cut z >= z_min (every device busy on its
+        share of the work: at an optimum z is the largest of the C and X)."""
+        for s in range(self.num_stages):
+            self.model.add(self.z >= self.C[s])
+            self.model.add(self.w >= self.AR[s])
+        for send in self.send:
+            self.model.add(self.z >= send)
+        self.model.add(self.z >= self.problem.min_bottleneck_units())
 
     def set_objective(self) -> None:
-        """minimise sum_s T_s + (M - 1) z + w."""
-        fill_drain = sum(c.time_units * self._var(c) for per_stage in self.candidates for c in per_stage)
-        self.objective = fill_drain + (self.problem.num_microbatches - 1) * self.z + self.w
+        """minimise sum_s C[s] + 2 sum_{s>0} X[cut[s]] + (M - 1) z + w."""
+        self.objective = (sum(self.C) + 2 * sum(self.send) + (self.problem.num_microbatches - 1) * self.z
+                          + self.w)
         self.model.minimize(self.objective)
 
     def add_incumbent_cutoff(self, best_units: int) -> None:
-        """objective <= best - 1: only a plan strictly better than one with fewer stages
-        matters, and the cutoff lets the solver prove "no better plan" from bounds alone."""
+        """objective <= best - 1: only a strictly better plan matters, and the cutoff
+        lets the solver prove "no better plan with this many stages" from bounds alone."""
         self.model.add(self.objective <= best_units - 1)
 
-    def add_hint(self, choice: Sequence[_Candidate]) -> None:
-        chosen = {(c.stage, c.first_block, c.last_block, c.counts) for c in choice}
-        for key, var in self.x.items():
-            self.model.add_hint(var, key in chosen)
-        times = [c.time_units for c in choice]
-        self.model.add_hint(self.z, max(times))
-        self.model.add_hint(self.w, max(c.allreduce_units for c in choice))
+    def add_hint(self, choice: _Choice) -> None:
+        p = self.problem
+        for s, st in enumerate(choice.stages):
+            if s > 0:
+                self.model.add_hint(self.cut[s], st.first_block)
+            for k in range(len(p.types)):
+                self.model.add_hint(self.n[s, k], st.counts[k])
+                self.model.add_hint(self.q[s, k], st.shares[k])
+                self.model.add_hint(self.used[s, k], st.counts[k] > 0)
+            if self.rc[s] is not None:
+                self.model.add_hint(self.rc[s], st.recompute)
+            cost = p.stage_cost(self.num_stages, s, st)
+            self.model.add_hint(self.C[s], cost[0])
+            self.model.add_hint(self.AR[s], cost[1])
+        costs = [p.stage_cost(self.num_stages, s, st) for s, st in enumerate(choice.stages)]
+        sends = [p.send[st.first_block] for st in choice.stages[1:]]
+        self.model.add_hint(self.z, max([c[0] for c in costs] + sends))
+        self.model.add_hint(self.w, max(c[1] for c in costs))
 
-    def solve(self, time_limit_s: float, seed: int, num_workers: int):
-        """(status name, chosen candidates or None, objective units or None, bound units or None)."""
+    def solve(self, deterministic_time: float, wall_limit_s: float, seed: int, num_workers: int,
+              on_progress: Callable[[float, float], None] | None):
+        """(status name, choice or None, bound units or None)."""
         solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = max(time_limit_s, 0.01)
+        # The deterministic limit makes the result independent of machine load; the wall
+        # limit is only a safety net for the caller's time_limit_s.
+        solver.parameters.max_deterministic_time = deterministic_time
+        solver.parameters.max_time_in_seconds = max(wall_limit_s, 0.05)
         solver.parameters.random_seed = seed
         solver.parameters.num_workers = num_workers
-        status = solver.solve(self.model)
+        callback = _ProgressCallback(on_progress) if on_progress is not None else None
+        status = solver.solve(self.model, callback)
         if status == cp_model.MODEL_INVALID:
             raise AssertionError(f"planner built an invalid CP-SAT model: {self.model.validate()}")
         if status == cp_model.INFEASIBLE:
-            return "INFEASIBLE", None, None, None
+            return "INFEASIBLE", None, None
         if status == cp_model.UNKNOWN:
-            return "UNKNOWN", None, None, round(solver.best_objective_bound)
+            return "UNKNOWN", None, round(solver.best_objective_bound)
         assert status in (cp_model.OPTIMAL, cp_model.FEASIBLE), solver.status_name(status)
-        choice = []
-        for per_stage in self.candidates:
-            picked = [c for c in per_stage if solver.boolean_value(self._var(c))]
-            assert len(picked) == 1, picked
-            choice.append(picked[0])
-        objective = round(solver.objective_value)
-        # z and w are only bounded below, so a non-optimal solution may overstate them.
-        objective = self.problem.objective_units(choice)
-        return solver.status_name(status), choice, objective, round(solver.best_objective_bound)
+        p, nt = self.problem, len(self.problem.types)
+        stages = []
+        for s in range(self.num_stages):
+            first, end = solver.value(self.cut[s]), solver.value(self.cut[s + 1])
+            counts = tuple(solver.value(self.n[s, k]) for k in range(nt))
+            shares = tuple(solver.value(self.q[s, k]) for k in range(nt))
+            rc = bool(solver.value(self.rc[s])) if self.rc[s] is not None else False
+            stages.append(_Stage(first, end - 1, counts, shares, rc))
+        # C, z and w are only bounded below, so a non-optimal solution may overstate them.
+        objective = p.objective_units(stages)
+        assert objective is not None, "the model admitted a plan the cost function rejects"
+        return solver.status_name(status), _Choice(tuple(stages), objective), round(solver.best_objective_bound)
 
     @property
     def num_variables(self) -> int:
         return len(self.model.proto.variables)
 
 
-def _place_devices(problem: _Problem, choice: Sequence[_Candidate]) -> list[tuple[int, ...]]:
+class _ProgressCallback(cp_model.CpSolverSolutionCallback):
+    """Reports (incumbent objective_s, best bound_s) at every improving solution."""
+
+    def __init__(self, on_progress: Callable[[float, float], None]):
+        super().__init__()
+        self._on_progress = on_progress
+
+    def on_solution_callback(self) -> None:
+        self._on_progress(self.objective_value / TIME_UNITS_PER_S, self.best_objective_bound / TIME_UNITS_PER_S)
+
+
+# ---------------------------------------------------------------- from counts to devices
+
+
+def _place_devices(problem: _Problem, stages: Sequence[_Stage]) -> list[tuple[int, ...]]:
     """Concrete device indices per stage: each (stage, type) request goes, largest
     first, to the node of that type with the fewest free devices that still holds
     it whole (best fit), else across the nodes with the most free devices, so a
@@ -503,10 +765,10 @@ def _place_devices(problem: _Problem, choice: Sequence[_Candidate]) -> list[tupl
     for d in cluster.devices:
         free[d.node].append(d.index)
     requests = sorted(
-        ((c.counts[k], s, k) for s, c in enumerate(choice) for k in range(len(problem.types)) if c.counts[k]),
+        ((st.counts[k], s, k) for s, st in enumerate(stages) for k in range(len(problem.types)) if st.counts[k]),
         key=lambda r: (-r[0], r[1], r[2]),
     )
-    placed: list[list[int]] = [[] for _ in choice]
+    placed: list[list[int]] = [[] for _ in stages]
     for n, s, k in requests:
         name = problem.types[k].name
         nodes = [i for i, node in enumerate(cluster.nodes) if node.device == name]
@@ -523,66 +785,83 @@ def _place_devices(problem: _Problem, choice: Sequence[_Candidate]) -> list[tupl
             need -= len(take)
             if need == 0:
                 break
-        assert need == 0, "device counts were checked by the ILP"
+        assert need == 0, "device counts were checked by the model"
     return [tuple(sorted(p)) for p in placed]
 
 
-def _integer_shares(quotas: Sequence[float], total: int) -> tuple[int, ...]:
-    """Integers >= 1 summing to ``total``, each floor or ceil of its quota (largest remainder).
+def _device_shares(caps: Sequence[int], unit_times: Sequence[int], total: int) -> tuple[int, ...]:
+    """Integer shares, each in 1..cap, summing to ``total``: start at the caps and take samples
+    back, one at a time, from the device that would finish last (ties: the later device).
 
-    >>> _integer_shares([6.4, 1.6], 8)
-    (6, 2)
-    >>> _integer_shares([7.7, 0.3], 8)
-    (7, 1)
+    >>> _device_shares([3, 3, 1, 1], [1, 1, 3, 3], 7)
+    (3, 2, 1, 1)
     """
-    assert len(quotas) <= total
-    shares = [max(1, math.floor(q)) for q in quotas]
-    remaining = total - sum(shares)
-    # Give the leftover samples to the largest remainders (ties: lower position).
-    order = sorted(range(len(quotas)), key=lambda d: (-(quotas[d] - math.floor(quotas[d])), d))
-    for d in order:
-        if remaining <= 0:
-            break
-        if shares[d] == math.floor(quotas[d]):
-            shares[d] += 1
-            remaining -= 1
-    # Raising shares to 1 may overshoot; take back from the largest shares.
-    while remaining < 0:
-        d = max(range(len(shares)), key=lambda d: (shares[d] - quotas[d], shares[d], -d))
-        assert shares[d] > 1
+    shares = list(caps)
+    assert sum(shares) >= total >= len(shares)
+    while sum(shares) > total:
+        d = max((d for d in range(len(shares)) if shares[d] > 1),
+                key=lambda d: (shares[d] * unit_times[d], d))
         shares[d] -= 1
-        remaining += 1
-    assert remaining == 0, (quotas, total, shares)
     return tuple(shares)
 
 
-def _to_decision(problem: _Problem, choice: Sequence[_Candidate]) -> PlanDecision:
-    devices_per_stage = _place_devices(problem, choice)
+def _to_decision(problem: _Problem, choice: _Choice) -> PlanDecision:
+    devices_per_stage = _place_devices(problem, choice.stages)
     kinds = {d.index: problem.type_index[d.type] for d in problem.cluster.devices}
     stages = []
-    for c, devices in zip(choice, devices_per_stage):
-        speeds = [1.0 / problem.sample_time_s(kinds[d], c.first_block, c.last_block) for d in devices]
-        quotas = [problem.microbatch_size * v / sum(speeds) for v in speeds]
-        stages.append(StageDecision(c.first_block, c.last_block, devices, _integer_shares(quotas, problem.microbatch_size)))
-    return PlanDecision(tuple(stages), problem.num_microbatches, problem.microbatch_size)
+    for st, devices in zip(choice.stages, devices_per_stage):
+        caps = [st.shares[kinds[d]] for d in devices]
+        times = [problem.sample_units(kinds[d], st.first_block, st.last_block, st.recompute) for d in devices]
+        shares = _device_shares(caps, times, problem.microbatch_size)
+        stages.append(StageDecision(st.first_block, st.last_block, devices, shares, st.recompute))
+    return PlanDecision(tuple(stages), problem.num_microbatches, problem.microbatch_size, problem.schedule)
+
+
+# ---------------------------------------------------------------- the search
+
+
+def _microbatch_options(global_batch: int, num_microbatches: int | None) -> list[int]:
+    if num_microbatches is not None:
+        return [num_microbatches]
+    return [m for m in range(1, min(global_batch, MAX_MICROBATCHES) + 1) if global_batch % m == 0]
+
+
+def _screen(problem: _Problem, limit: int) -> dict[int, _Choice]:
+    """Heuristic plan per stage count on the ladder (only those that fit)."""
+    out = {}
+    for num_stages in stage_ladder(limit):
+        choice = _heuristic(problem, num_stages, recompute=False)
+        if problem.allow_recompute:
+            with_rc = _heuristic(problem, num_stages, recompute=True)
+            if with_rc is not None and (choice is None or with_rc.objective_units < choice.objective_units):
+                choice = with_rc
+        if choice is not None:
+            out[num_stages] = choice
+    return out
 
 
 def solve(
     costs: ModelCosts,
     cluster: Cluster,
     *,
-    num_microbatches: int,
+    num_microbatches: int | None = None,
     schedule: str = "1f1b",
     max_stages: int | None = None,
     time_limit_s: float = 30.0,
     seed: int = 0,
     num_workers: int = 1,
+    allow_recompute: bool | None = None,
+    on_progress: Callable[[float, float], None] | None = None,
 ) -> tuple[PlanDecision, SolverReport]:
-    """Choose stages, device groups and batch shares minimising the predicted step time.
+    """Choose stages, device groups, batch shares, recompute, micro-batch count and schedule
+    minimising the predicted step time.
 
-    The time limit is shared by the per-stage-count models (time one leaves over
-    goes to the next). With a fixed ``seed`` and ``num_workers`` the same input
-    gives the same plan whenever the solver proves optimality within the limit.
+    ``num_microbatches=None`` lets the planner choose among the divisors of the
+    global batch (up to MAX_MICROBATCHES); ``schedule="auto"`` chooses between
+    GPipe and 1F1B. ``allow_recompute=None`` (default) turns recompute on only
+    when no plan fits without it. ``on_progress(objective_s, bound_s)`` is
+    called at every improving CP-SAT solution. With a fixed ``seed`` and
+    ``num_workers`` the same input gives the same plan (deterministic limits).
 
     >>> from hetcompile.ir import Block, ModelCosts
     >>> from cost_models.cluster import load_cluster
@@ -593,65 +872,94 @@ def solve(
     ([(0, 1, (0, 1), (2, 2))], 'OPTIMAL')
     """
     start = time.perf_counter()
-    problem = _Problem(costs, cluster, num_microbatches, schedule)
-    limit = problem.max_stages(max_stages)
-    deadline = start + time_limit_s
-    best: tuple[int, list[_Candidate]] | None = None
-    bounds: list[int] = []
-    all_optimal = True
-    num_variables = 0
-    for num_stages in range(1, limit + 1):
-        candidates = problem.candidates(num_stages)
-        if any(not per_stage for per_stage in candidates):
-            logger.debug("S=%d: some stage has no candidate that fits in memory", num_stages)
-            continue
-        candidates = problem.prune(candidates, best[0] if best is not None else None)
-        if any(not per_stage for per_stage in candidates):
-            logger.debug("S=%d: no plan beats the incumbent %s", num_stages, best and best[0])
-            continue
-        stage_model = _StageModel(problem, num_stages, candidates)
-        num_variables += stage_model.num_variables
-        hint = _greedy_choice(problem, num_stages, candidates)
-        if best is not None:
-            stage_model.add_incumbent_cutoff(best[0])
-            if hint is not None and problem.objective_units(hint) >= best[0]:
-                hint = None  # it violates the cutoff
-        if hint is not None:
-            stage_model.add_hint(hint)
-        remaining_s = (deadline - time.perf_counter()) / (limit - num_stages + 1)
-        status, choice, objective, bound = stage_model.solve(remaining_s, seed, num_workers)
-        logger.info("S=%d: %s objective=%s bound=%s vars=%d", num_stages, status, objective, bound,
-                    stage_model.num_variables)
-        if status == "INFEASIBLE":
-            continue  # no plan with this many stages, or none better than the incumbent
-        if status != "OPTIMAL":
-            all_optimal = False
-        bounds.append(max(bound, problem.lower_bound_units(candidates)))
-        if choice is not None and (best is None or objective < best[0]):
-            best = (objective, choice)
-    if best is None:
-        if bounds:
-            raise UserError(
-                f"The planner found no plan within time_limit_s={time_limit_s:g} s. "
-                "Give it more time (--time-limit) or limit the stages (max_stages)."
-            )
-        raise problem.no_fit_error(limit)
-    objective, choice = best
-    best_bound = min(bounds + [objective])
-    gap = 0.0 if all_optimal or objective == 0 else (objective - best_bound) / objective
+    schedules = SCHEDULES if schedule == "auto" else (schedule,)
+    recompute_options = [False, True] if allow_recompute is None else [bool(allow_recompute)]
+    result = None
+    for allow_rc in recompute_options:
+        problems = [_Problem(costs, cluster, m, sched, allow_rc)
+                    for m in _microbatch_options(costs.global_batch, num_microbatches) for sched in schedules]
+        limit = problems[0].max_stages(max_stages)
+        screened = [(problem, _screen(problem, limit)) for problem in problems]
+        result = _solve_best(screened, limit, start, time_limit_s, seed, num_workers, on_progress)
+        if result is not None:
+            break
+    if result is None:
+        raise problems[0].no_fit_error(limit)
+    problem, choice, all_optimal, bound, num_variables = result
+    objective = choice.objective_units
+    bound = min(bound, objective)
+    gap = 0.0 if all_optimal or objective == 0 else (objective - bound) / objective
     report = SolverReport(
         status="OPTIMAL" if all_optimal else "FEASIBLE",
         gap=gap,
         objective_s=objective / TIME_UNITS_PER_S,
-        best_bound_s=(objective if all_optimal else best_bound) / TIME_UNITS_PER_S,
+        best_bound_s=(objective if all_optimal else bound) / TIME_UNITS_PER_S,
         wall_s=time.perf_counter() - start,
         num_variables=num_variables,
     )
+    logger.info("plan: M=%d %s S=%d objective=%.6f s gap=%.4f (%s)", problem.num_microbatches, problem.schedule,
+                len(choice.stages), report.objective_s, gap, report.status)
     return _to_decision(problem, choice), report
 
 
+def _solve_best(screened, limit, start, time_limit_s, seed, num_workers, on_progress):
+    """CP-SAT per stage count for the best-screened (M, schedule); None when nothing fits.
+
+    Returns (problem, choice, all proven optimal, best bound units, variables).
+    """
+    scored = [(min(c.objective_units for c in per_s.values()), i) for i, (_, per_s) in enumerate(screened) if per_s]
+    if scored:
+        problem, per_s = screened[min(scored)[1]]
+    else:
+        # No heuristic plan: let CP-SAT search the first (M, schedule) without a hint.
+        problem, per_s = screened[0]
+    ladder = stage_ladder(limit)
+    best: _Choice | None = min(per_s.values(), key=lambda c: c.objective_units) if per_s else None
+    # Exhaustive over S only when the ladder is complete and (M, schedule) were not screened.
+    all_optimal = len(ladder) == limit and len(screened) == 1
+    bounds, num_variables = [], 0
+    # Best-screened stage counts first, so the cutoff is strong early.
+    order = sorted(ladder, key=lambda s: (per_s[s].objective_units if s in per_s else math.inf, s))
+    deadline = start + time_limit_s
+    for i, num_stages in enumerate(order):
+        floor = problem.lower_bound_units(num_stages)
+        if best is not None and floor >= best.objective_units:
+            bounds.append(best.objective_units)  # proven: no S-stage plan beats the incumbent
+            continue
+        stage_model = _StageModel(problem, num_stages)
+        num_variables += stage_model.num_variables
+        hint = per_s.get(num_stages)
+        if best is not None:
+            stage_model.add_incumbent_cutoff(best.objective_units)
+            if hint is not None and hint.objective_units >= best.objective_units:
+                hint = None  # it violates the cutoff
+        if hint is not None:
+            stage_model.add_hint(hint)
+        wall_left_s = (deadline - time.perf_counter()) / (len(order) - i)
+        status, choice, bound = stage_model.solve(DETERMINISTIC_TIME_PER_MODEL, wall_left_s, seed, num_workers,
+                                                  on_progress)
+        logger.debug("S=%d: %s objective=%s bound=%s vars=%d", num_stages, status,
+                     choice and choice.objective_units, bound, stage_model.num_variables)
+        if status == "INFEASIBLE":
+            if best is not None:
+                bounds.append(best.objective_units)  # nothing better than the incumbent
+            continue
+        if status != "OPTIMAL":
+            all_optimal = False
+        bounds.append(max(bound or 0, floor))
+        if choice is not None and (best is None or choice.objective_units < best.objective_units):
+            best = choice
+    if best is None:
+        return None
+    bound = min(bounds) if bounds else best.objective_units
+    return problem, best, all_optimal, bound, num_variables
+
+
+# ---------------------------------------------------------------- evaluation and tests
+
+
 def step_time_s(decision: PlanDecision, costs: ModelCosts, cluster: Cluster, schedule: str) -> float:
-    """Predicted step seconds of a decision: the ILP's objective, evaluated with the
+    """Predicted step seconds of a decision: the model's objective, evaluated with the
     decision's integer shares (a stage takes as long as its slowest device,
     ``max_d share_d * t_k(d)``) and ring all-reduces over the actual devices' links.
 
@@ -667,13 +975,13 @@ def step_time_s(decision: PlanDecision, costs: ModelCosts, cluster: Cluster, sch
     kinds = {d.index: problem.type_index[d.type] for d in cluster.devices}
     stage_times, allreduce_times = [], []
     for st in decision.stages:
-        compute_s = max(
-            share * problem.sample_time_s(kinds[d], st.first_block, st.last_block)
-            for d, share in zip(st.devices, st.shares)
-        )
-        stage_times.append(compute_s + problem.p2p_s(st.first_block, st.last_block))
+        compute_units = max(share * problem.sample_units(kinds[d], st.first_block, st.last_block, st.recompute)
+                            for d, share in zip(st.devices, st.shares))
+        stage_times.append(compute_units / TIME_UNITS_PER_S)
         allreduce_times.append(allreduce_time_s(problem.param_bytes(st.first_block, st.last_block), cluster, st.devices))
-    return sum(stage_times) + (decision.num_microbatches - 1) * max(stage_times) + max(allreduce_times)
+    sends = [problem.send[st.first_block] / TIME_UNITS_PER_S for st in decision.stages[1:]]
+    return (sum(stage_times) + 2 * sum(sends) + (decision.num_microbatches - 1) * max(stage_times + sends)
+            + max(allreduce_times))
 
 
 def brute_force(
@@ -683,31 +991,44 @@ def brute_force(
     num_microbatches: int,
     schedule: str,
     max_stages: int | None = None,
+    allow_recompute: bool = False,
 ) -> tuple[PlanDecision, float]:
-    """Exhaustive search over the ILP's own candidates and costs, for tests on tiny instances.
+    """Exhaustive search over the model's own variables and costs, for tests on tiny instances.
 
-    Returns the best decision and its objective in seconds (the same continuous
-    cost the ILP minimises, so the two optima are equal exactly).
+    Returns the best decision and its objective in seconds (the same integer
+    cost the CP-SAT model minimises, so the two optima are equal exactly).
     """
-    problem = _Problem(costs, cluster, num_microbatches, schedule)
+    problem = _Problem(costs, cluster, num_microbatches, schedule, allow_recompute)
     limit = problem.max_stages(max_stages)
-    nb = problem.num_blocks
-    best: tuple[int, list[_Candidate]] | None = None
+    nb, nt, b = problem.num_blocks, len(problem.types), problem.microbatch_size
+    count_options = [range(min(problem.available[k], b) + 1) for k in range(nt)]
+    rc_options = (False, True) if allow_recompute else (False,)
+    best: _Choice | None = None
     for num_stages in range(1, limit + 1):
         for cuts in itertools.combinations(range(1, nb), num_stages - 1):
             edges = (0,) + cuts + (nb,)
             options = []
             for s in range(num_stages):
                 first, last = edges[s], edges[s + 1] - 1
-                options.append([c for g in problem.groups
-                                if (c := problem.candidate(num_stages, s, first, last, g)) is not None])
-            for choice in itertools.product(*options):
-                used = [sum(c.counts[k] for c in choice) for k in range(len(problem.types))]
-                if any(u > a for u, a in zip(used, problem.available)):
-                    continue
-                objective = problem.objective_units(choice)
-                if best is None or objective < best[0]:
-                    best = (objective, list(choice))
+                valid = []
+                # For fixed counts only the stage time depends on the shares, and the objective
+                # grows with it: keep the fastest valid shares per (counts, recompute).
+                for counts in itertools.product(*count_options):
+                    share_options = [range(1, b + 1) if c else (0,) for c in counts]
+                    for rc in rc_options:
+                        fastest = None
+                        for shares in itertools.product(*share_options):
+                            st = _Stage(first, last, counts, shares, rc)
+                            cost = problem.stage_cost(num_stages, s, st)
+                            if cost is not None and (fastest is None or cost[0] < fastest[0]):
+                                fastest = (cost[0], st)
+                        if fastest is not None:
+                            valid.append(fastest[1])
+                options.append(valid)
+            for stages in itertools.product(*options):
+                objective = problem.objective_units(stages)
+                if objective is not None and (best is None or objective < best.objective_units):
+                    best = _Choice(tuple(stages), objective)
     if best is None:
         raise problem.no_fit_error(limit)
-    return _to_decision(problem, best[1]), best[0] / TIME_UNITS_PER_S
+    return _to_decision(problem, best), best.objective_units / TIME_UNITS_PER_S

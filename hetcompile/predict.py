@@ -7,8 +7,8 @@ section and the timeline all come from :func:`predict`.
 from __future__ import annotations
 
 from cost_models.comm import allreduce_time_s, p2p_time_s
-from cost_models.memory import device_memory_bytes
-from cost_models.roofline import block_time_s
+from cost_models.memory import stage_memory_bytes
+from cost_models.roofline import block_overhead_s, block_time_s, optimizer_time_s
 from hetcompile.ir import ModelCosts
 from hetcompile.schedule import Timeline, make_schedule, simulate
 
@@ -23,7 +23,9 @@ def _link(cluster, group_a, group_b) -> tuple[float, float]:
 def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
     """Per stage: forward and backward seconds of one micro-batch (slowest replica), sends, all-reduce."""
     devices = cluster.devices
-    fwd, bwd, send_fwd, send_bwd, allreduce = [], [], [], [], []
+    fwd, bwd, send_fwd, send_bwd, allreduce, update = [], [], [], [], [], []
+    # Every rank joins end_step's all-reduce of the loss, so every stage pays it.
+    loss_sync_s = allreduce_time_s(8, cluster, [d for st in decision.stages for d in st.devices])
     stages = decision.stages
     for s, st in enumerate(stages):
         blocks = costs.blocks[st.first_block:st.last_block + 1]
@@ -31,10 +33,11 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
         for d, share in zip(st.devices, st.shares):
             dev_type = cluster.type_of(devices[d].type)
             per = [block_time_s(b, dev_type, costs.dtype) for b in blocks]
-            f_s = max(f_s, share * sum(p[0] for p in per))
-            b_s = max(b_s, share * sum(p[1] for p in per))
+            fixed = [block_overhead_s(b, dev_type) for b in blocks]  # per call, whatever the share
+            f_s = max(f_s, share * sum(p[0] for p in per) + sum(o[0] for o in fixed))
+            b_s = max(b_s, share * sum(p[1] for p in per) + sum(o[1] for o in fixed))
         fwd.append(f_s)
-        bwd.append(b_s)
+        bwd.append(b_s + (f_s if getattr(st, "recompute", False) else 0.0))  # recompute: forward again
         out_bytes = decision.microbatch_size * costs.blocks[st.last_block].out_bytes_per_sample
         if s + 1 < len(stages):
             bw, lat = _link(cluster, st.devices, stages[s + 1].devices)
@@ -50,7 +53,13 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
             send_bwd.append(0.0)
         param_bytes = sum(b.param_bytes for b in blocks)
         allreduce.append(allreduce_time_s(param_bytes, cluster, list(st.devices)))
-    return {"fwd_s": fwd, "bwd_s": bwd, "send_fwd_s": send_fwd, "send_bwd_s": send_bwd, "allreduce_s": allreduce}
+        num_tensors = sum(b.num_param_tensors for b in blocks)
+        optimizer_s = max(optimizer_time_s(num_tensors, param_bytes, cluster.type_of(devices[d].type))
+                          for d in st.devices)
+        # Only a profiled cost model charges the step's tail (the datasheet one predicts compute and links).
+        update.append(optimizer_s + loss_sync_s if optimizer_s > 0 else 0.0)
+    return {"fwd_s": fwd, "bwd_s": bwd, "send_fwd_s": send_fwd, "send_bwd_s": send_bwd, "allreduce_s": allreduce,
+            "update_s": update}
 
 
 def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, Timeline]:
@@ -63,11 +72,13 @@ def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, 
         blocks = costs.blocks[st.first_block:st.last_block + 1]
         param_bytes = sum(b.param_bytes for b in blocks)
         act = sum(b.act_bytes_per_sample for b in blocks)
+        in_bytes = costs.blocks[st.first_block - 1].out_bytes_per_sample if st.first_block > 0 else 0.0
         for d, share in zip(st.devices, st.shares):
             dev_type = cluster.type_of(devices[d].type)
             memory.append({
                 "device_index": d, "device_type": dev_type.name, "stage": s,
-                "mem_bytes": int(device_memory_bytes(param_bytes, act, share * timeline.peak_in_flight[s])),
+                "mem_bytes": int(stage_memory_bytes(param_bytes, act, in_bytes, share, timeline.peak_in_flight[s],
+                                                    getattr(st, "recompute", False))),
                 "capacity_bytes": int(dev_type.mem_bytes),
             })
     memory.sort(key=lambda m: m["device_index"])
@@ -78,6 +89,7 @@ def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, 
         "bubble_fraction": timeline.bubble_fraction,
         "stages": [{"fwd_s": times["fwd_s"][s], "bwd_s": times["bwd_s"][s], "send_fwd_s": times["send_fwd_s"][s],
                     "send_bwd_s": times["send_bwd_s"][s], "allreduce_s": times["allreduce_s"][s],
+                    "update_s": times["update_s"][s],
                     "peak_in_flight": timeline.peak_in_flight[s]} for s in range(len(decision.stages))],
         "memory": memory,
     }, timeline

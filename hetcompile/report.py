@@ -5,22 +5,29 @@ from __future__ import annotations
 from collections import Counter
 
 
-def _time(seconds: float) -> str:
+def format_time(seconds: float) -> str:
+    """Seconds for people: ``format_time(0.0123) == "12.3 ms"``."""
+    if seconds == 0:
+        return "0"
     if seconds >= 1:
         return f"{seconds:.2f} s"
     if seconds >= 1e-3:
         return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.0f} us"
+    if seconds >= 1e-6:
+        return f"{seconds * 1e6:.3g} us"
+    return f"{seconds * 1e9:.3g} ns"  # tiny example models: "0 us" would hide the differences
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """Bytes for people, binary units: ``format_bytes(3 * 2**30) == "3.0 GiB"``."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n:.0f} B"
 
 
-def _devices(types: list[str]) -> str:
+def format_devices(types: list[str]) -> str:
+    """``["A100", "V100", "A100"]`` -> ``"2x A100, 1x V100"``."""
     return ", ".join(f"{n}x {t}" for t, n in sorted(Counter(types).items()))
 
 
@@ -28,11 +35,15 @@ def summary(plan) -> str:
     """The short report the CLI prints after compiling (also ``Plan.summary()``)."""
     by_rank = {r.rank: r for r in plan.ranks}
     all_types = [n["device"] for n in plan.cluster["nodes"] for _ in range(n["count"])]
-    lines = [f"plan {plan.fingerprint}: {plan.model_file} on {_devices(all_types)}",
+    lines = [f"plan {plan.fingerprint}: {plan.model_file} on {format_devices(all_types)}",
              f"  schedule {plan.schedule}, {plan.num_microbatches} micro-batches of {plan.microbatch_size} samples "
              f"(global batch {plan.global_batch}), {plan.world_size} ranks"]
     if plan.timings:
-        phases = " | ".join(f"{k} {_time(v)}" for k, v in plan.timings.items() if k != "solver_wall_s")
+        # Phase order, also for timings read back from timings.json (whose keys are sorted).
+        order = ("capture", "passes", "solve", "emit")
+        keys = sorted((k for k in plan.timings if k != "solver_wall_s"),
+                      key=lambda k: order.index(k) if k in order else len(order))
+        phases = " | ".join(f"{k} {format_time(plan.timings[k])}" for k in keys)
         lines.append(f"  compile: {phases}")
     lines.append("")
     header = f"  {'stage':<6}{'devices':<26}{'blocks':<44}{'samples/micro-batch':<22}{'fwd+bwd':>10}"
@@ -45,19 +56,21 @@ def summary(plan) -> str:
         count = st.last_block - st.first_block + 1
         blocks = f"{blocks[:30]} ({count} block{'s' if count > 1 else ''})"
         shares = " + ".join(f"{s}" for s in st.shares)
-        lines.append(f"  {st.index:<6}{_devices(types):<26}{blocks:<44}{shares:<22}"
-                     f"{_time(pred['fwd_s'] + pred['bwd_s']):>10}")
+        lines.append(f"  {st.index:<6}{format_devices(types):<26}{blocks:<44}{shares:<22}"
+                     f"{format_time(pred['fwd_s'] + pred['bwd_s']):>10}")
     p = plan.predicted
     lines += ["",
-              f"  predicted: step {_time(p['step_time_s'])}, {p['samples_per_s']:.1f} samples/s, "
-              f"bubble {p['bubble_fraction'] * 100:.0f}%"]
+              f"  predicted: step {format_time(p['step_time_s'])}, {p['samples_per_s']:.1f} samples/s, "
+              f"bubble {p['bubble_fraction'] * 100:.0f}%"
+              + (f", {p['efficiency'] * 100:.0f}% of the upper bound {p['upper_bound_samples_per_s']:.4g} samples/s"
+                 if p.get("efficiency") is not None and p.get("upper_bound_samples_per_s") else "")]
     worst: dict[str, dict] = {}
     for m in p["memory"]:
         w = worst.get(m["device_type"])
         if w is None or m["mem_bytes"] > w["mem_bytes"]:
             worst[m["device_type"]] = m
     for t, m in sorted(worst.items()):
-        lines.append(f"  memory {t:<12} peak {_bytes(m['mem_bytes'])} of {_bytes(m['capacity_bytes'])} "
+        lines.append(f"  memory {t:<12} peak {format_bytes(m['mem_bytes'])} of {format_bytes(m['capacity_bytes'])} "
                      f"({100 * m['mem_bytes'] / m['capacity_bytes']:.1f}%)")
     if plan.idle_devices:
         lines.append(f"  idle devices: {list(plan.idle_devices)} (using them would not speed up the step)")

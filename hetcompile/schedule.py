@@ -338,7 +338,7 @@ class Span:
     """One interval on a stage's compute track (F, B) or communication track (the rest)."""
 
     stage: int
-    kind: str  # "F", "B", "send_F", "send_B" or "allreduce"
+    kind: str  # "F", "B", "send_F", "send_B", "allreduce" or "update"
     microbatch: int  # -1 for "allreduce", which covers all micro-batches
     start_s: float
     end_s: float
@@ -381,6 +381,7 @@ def simulate(
     send_fwd_s: Sequence[float],
     send_bwd_s: Sequence[float],
     allreduce_s: Sequence[float],
+    update_s: Sequence[float] | None = None,
 ) -> Timeline:
     """Discrete-event run of one step of ``schedule``; all times in seconds, one per stage.
 
@@ -389,7 +390,8 @@ def simulate(
     producer's end plus the producer's send time (``send_fwd_s[s]`` from s to
     s+1, ``send_bwd_s[s]`` from s to s-1). Sends are asynchronous: they are
     spans on the sender's communication track and never delay its compute.
-    ``allreduce_s[s]`` starts after stage s's last action.
+    ``allreduce_s[s]`` starts after stage s's last action, and ``update_s[s]``
+    (optimizer step and end-of-step bookkeeping; none when omitted) after it.
     ``fwd_s[s]``/``bwd_s[s]`` should be the slowest replica's time, since
     every replica waits for the slowest one.
 
@@ -408,6 +410,7 @@ def simulate(
         ("send_fwd_s", send_fwd_s),
         ("send_bwd_s", send_bwd_s),
         ("allreduce_s", allreduce_s),
+        ("update_s", [0.0] * num_stages if update_s is None else update_s),
     ):
         _check_stage_times(name, values, num_stages)
     # A nonzero send with no receiver means the caller's lists are shifted by one stage.
@@ -455,6 +458,9 @@ def simulate(
 
     for s in range(num_stages):
         spans.append(Span(s, "allreduce", -1, free_at_s[s], free_at_s[s] + allreduce_s[s]))
+        if update_s is not None and update_s[s] > 0:
+            start_s = free_at_s[s] + allreduce_s[s]
+            spans.append(Span(s, "update", -1, start_s, start_s + update_s[s]))
 
     step_time_s = max(span.end_s for span in spans)
     busy_s = sum(span.duration_s for span in spans if span.kind in _KINDS)
@@ -517,6 +523,8 @@ def to_chrome_trace(timeline: Timeline, stage_names: Sequence[str] | None = None
             name, tid = str(Action(span.stage, span.kind, span.microbatch)), _COMPUTE_TID
         elif span.kind == "allreduce":
             name, tid = "allreduce", _COMM_TID
+        elif span.kind == "update":
+            name, tid = "update", _COMPUTE_TID
         else:
             name, tid = f"{span.kind} mb{span.microbatch}", _COMM_TID
         events.append(

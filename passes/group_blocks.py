@@ -14,6 +14,7 @@ Writes ``node.meta["block"]`` and returns :class:`~hetcompile.ir.ModelCosts`
 
 from __future__ import annotations
 
+import operator
 import re
 
 import torch.fx
@@ -84,12 +85,14 @@ def group_blocks(cap: Captured) -> ModelCosts:
     per = 1.0 / cap.global_batch
     param_bytes = [0] * num_blocks
     num_params = [0] * num_blocks
+    num_param_tensors = [0] * num_blocks
     for n in graph.nodes:
         if n.op == "placeholder" and cap.placeholders[n.name].kind == "param" and n.users:
             first = min(u.meta["block"] for u in n.users)
             val = n.meta["val"]
             param_bytes[first] += val.numel() * val.element_size()
             num_params[first] += val.numel()
+            num_param_tensors[first] += 1
     out_bytes = [0.0] * num_blocks
     for n in compute:
         users = [u.meta["block"] for u in n.users if u.op == "call_function"]
@@ -105,6 +108,10 @@ def group_blocks(cap: Captured) -> ModelCosts:
             param_bytes=param_bytes[b], num_params=num_params[b],
             act_bytes_per_sample=sum(n.meta["out_bytes"] for n in nodes if n.meta.get("requires_grad")) * per,
             out_bytes_per_sample=out_bytes[b] * per,
+            # getitem only unpacks a tuple in Python; it dispatches no ATen op.
+            num_ops=sum(1 for n in nodes if n.target is not operator.getitem),
+            num_grad_ops=sum(1 for n in nodes if n.target is not operator.getitem and n.meta.get("requires_grad")),
+            num_param_tensors=num_param_tensors[b],
         ))
     return ModelCosts(blocks=tuple(blocks), global_batch=cap.global_batch, dtype=cap.dtype)
 

@@ -23,22 +23,22 @@ STEPS = 3
 CLUSTER = {"nodes": [{"device": "A100-80GB", "count": 3}, {"device": "V100-32GB", "count": 2}]}
 
 
-def _pinned(num_blocks: int, batch: int, microbatches: int) -> PlanDecision:
-    """Three stages on five ranks: A100s 3:1 data parallel, one A100, then V100s 1:3."""
+def _pinned(num_blocks: int, batch: int, microbatches: int, recompute: bool = False) -> PlanDecision:
+    """Three stages on five ranks: A100s 3:1 data parallel, one A100 (recomputing when asked), then V100s 1:3."""
     b = batch // microbatches
     mid = num_blocks // 2
     return PlanDecision(stages=(
         StageDecision(first_block=0, last_block=mid - 1, devices=(0, 1), shares=(b - b // 4, b // 4)),
-        StageDecision(first_block=mid, last_block=num_blocks - 2, devices=(2,), shares=(b,)),
+        StageDecision(first_block=mid, last_block=num_blocks - 2, devices=(2,), shares=(b,), recompute=recompute),
         StageDecision(first_block=num_blocks - 1, last_block=num_blocks - 1, devices=(3, 4),
                       shares=(b // 4, b - b // 4)),
     ), num_microbatches=microbatches, microbatch_size=b)
 
 
-def _check_equivalence(model_file, schedule, tmp_path):
+def _check_equivalence(model_file, schedule, tmp_path, recompute=False):
     mf = load_model_file(model_file)
     _, costs = analyze(mf)
-    decision = _pinned(costs.num_blocks, costs.global_batch, 4)
+    decision = _pinned(costs.num_blocks, costs.global_batch, 4, recompute)
     plan = hetcompile.compile(mf, CLUSTER, schedule=schedule, decision=decision)
     assert len(plan.stages) >= 2 and plan.world_size >= 4
     assert any(len(set(s.shares)) > 1 for s in plan.stages), "a data-parallel stage with uneven shares"
@@ -57,6 +57,11 @@ def _check_equivalence(model_file, schedule, tmp_path):
 @pytest.mark.parametrize("model", ["mlp.py", "gpt2.py", "llama.py"])
 def test_plan_trains_like_one_device(model, schedule, examples, tmp_path):
     _check_equivalence(examples / model, schedule, tmp_path)
+
+
+def test_recompute_trains_like_one_device(examples, tmp_path):
+    """A stage that keeps only its inputs and reruns its forward in backward changes no number."""
+    _check_equivalence(examples / "llama.py", "1f1b", tmp_path, recompute=True)
 
 
 def test_cli_compile_and_run_matches_one_device(examples, tmp_path):

@@ -7,6 +7,7 @@ import datetime
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -14,9 +15,11 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from hetcompile.plan import load
+from hetcompile.runtime import checkpoint
 
-# Seconds a rank waits on a peer before giving up (a dead rank must not hang the job).
-DEFAULT_TIMEOUT_S = 300
+# Seconds a rank waits on a peer before giving up (a dead rank must not hang the job). A dead
+# peer's closed sockets fail a wait at once; this bounds the wait on a peer that hangs.
+DEFAULT_TIMEOUT_S = 30
 
 
 def _device_for(device_type: str) -> tuple[torch.device, str]:
@@ -36,14 +39,18 @@ def _load_model_file(plan_dir: Path):
 class RankContext:
     """Everything rank ``rank`` needs to run its part of the plan in ``plan_dir``."""
 
-    def __init__(self, plan_dir: str, *, rank: int, stage):
+    def __init__(self, plan_dir: str, *, rank: int, stage, fingerprint: str | None = None,
+                 world_size: int | None = None):
+        self.rank = rank
+        self.step = None
+        _install_failure_report(self)
         self.dir = Path(plan_dir)
         self.plan = load(self.dir)
-        self.rank = rank
+        # What rank_R.py was compiled for (baked into it); None for programs emitted before these checks.
+        self._check_launch(stage, fingerprint, world_size)
         self.spec = self.plan.ranks[rank]
         self.stage_spec = self.plan.stages[self.spec.stage]
         self.stage = stage
-        self._check_launch()
         self.device, backend = _device_for(self.spec.device_type)
         stage.DEVICE = self.device
         timeout = float(os.environ.get("HETCOMPILE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
@@ -60,13 +67,29 @@ class RankContext:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def _check_launch(self) -> None:
+    def _check_launch(self, stage, fingerprint: str | None, world_size: int | None) -> None:
+        """Refuse to start when the files of the plan directory, or the launch, are not what rank_R.py was
+        compiled for: mixed files of two compiles would train silently wrong."""
+        plan_fp = self.plan.fingerprint
+        if fingerprint is not None and fingerprint != plan_fp:
+            _refuse(self, f"rank_{self.rank}.py was compiled for plan {fingerprint}, but {self.dir}/plan.json is plan "
+                    f"{plan_fp}: the directory mixes the files of two compiles. Recompile into a fresh directory "
+                    "(or with --force) and launch that.")
+        stage_doc = getattr(stage, "__doc__", None) or ""
+        if fingerprint is not None and f"plan {fingerprint}" not in stage_doc:
+            _refuse(self, f"{getattr(stage, '__file__', 'the stage file')} does not belong to plan {fingerprint} of "
+                    f"rank_{self.rank}.py: the directory mixes the files of two compiles. Recompile into a fresh "
+                    "directory (or with --force) and launch that.")
+        if world_size is not None and world_size != self.plan.world_size:
+            _refuse(self, f"rank_{self.rank}.py was compiled for {world_size} ranks, but {self.dir}/plan.json has "
+                    f"{self.plan.world_size}. Recompile the plan.")
         world = int(os.environ.get("WORLD_SIZE", "-1"))
         env_rank = int(os.environ.get("RANK", "-1"))
         if world != self.plan.world_size or env_rank != self.rank:
-            raise SystemExit(f"hetcompile: rank_{self.rank}.py of plan {self.plan.fingerprint} was started as rank "
-                             f"{env_rank} of {world}, but the plan has {self.plan.world_size} ranks. Launch it with "
-                             f"`hetcompile run {self.dir}` or the commands in launch.sh.")
+            _refuse(self, f"rank_{self.rank}.py of plan {plan_fp} was started as rank {env_rank} of {world}, but the "
+                    f"plan has {self.plan.world_size} ranks and this program is rank {self.rank}. Launch it with "
+                    f"`hetcompile run {self.dir}` or the commands in launch.sh ({self.plan.world_size} processes "
+                    "in all).")
 
     def _load_state(self) -> None:
         model = self.model_file.build_model(self.plan.seed)
@@ -95,9 +118,11 @@ class RankContext:
                              f"for a global batch of {self.plan.global_batch}. Recompile the plan.")
         self.batch = flat
         self.step = step
+        _maybe_fail(self.rank, step)
         self.inbox: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
         self.grad_inbox: dict[tuple[int, str], torch.Tensor] = {}
         self.saved: dict[int, tuple[dict, dict]] = {}
+        self.rerun: dict[int, tuple[list, tuple]] = {}  # recompute: a micro-batch's inputs and RNG state
         self.pending: list = []
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.params.values():
@@ -119,7 +144,7 @@ class RankContext:
         """Receive the rows of ``name`` for ``samples`` of micro-batch ``mb`` from rank ``src``."""
         lo, hi = samples
         buf = self._buffer(name, hi - lo)
-        dist.recv(buf, src, tag=self._tag(mb, name, False, lo))
+        _recv_from(buf, src, self._tag(mb, name, False, lo), f"{name} of micro-batch {mb}")
         self.inbox.setdefault((mb, name), []).append((lo, buf))
 
     def send(self, name: str, *, mb: int, dst: int, samples: tuple[int, int]) -> None:
@@ -131,7 +156,7 @@ class RankContext:
         """Receive a consumer's gradient of output ``name``; gradients of several consumers add up."""
         lo, hi = samples
         buf = self._buffer(name, hi - lo)
-        dist.recv(buf, src, tag=self._tag(mb, name, True, lo))
+        _recv_from(buf, src, self._tag(mb, name, True, lo), f"the gradient of {name} of micro-batch {mb}")
         out = self.saved[mb][1][name]
         total = self.grad_inbox.setdefault((mb, name), torch.zeros_like(out))
         rows = self._local_rows(name, samples)
@@ -174,7 +199,16 @@ class RankContext:
                 x.requires_grad_(self.values[inp.name].requires_grad)
                 leaves[inp.name] = x
                 args.append(x)
-        outs = dict(zip(self.stage_spec.outputs, self.stage.forward(*args)))
+        if self.stage_spec.recompute:
+            # NOTE: [recompute] Keep the inputs and the RNG state instead of the activations;
+            # backward reruns the forward with the same random numbers (dropout), then
+            # differentiates it. Outputs are sent from this no-grad run: they are identical.
+            rng = self._rng_state()
+            with torch.no_grad():
+                outs = dict(zip(self.stage_spec.outputs, self.stage.forward(*args)))
+            self.rerun[mb] = (args, rng)
+        else:
+            outs = dict(zip(self.stage_spec.outputs, self.stage.forward(*args)))
         self.saved[mb] = (leaves, outs)
         if self.is_last:
             self.loss_sum += outs[self.plan.loss].detach().double() * (self.num_samples / self.plan.global_batch)
@@ -183,6 +217,11 @@ class RankContext:
         """Backward of micro-batch ``mb``: the loss weighted by this piece's share of the global batch,
         and the gradients received for the outputs."""
         leaves, outs = self.saved[mb]
+        if self.stage_spec.recompute:
+            args, rng = self.rerun.pop(mb)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self._set_rng_state(rng)
+                outs = dict(zip(self.stage_spec.outputs, self.stage.forward(*args)))
         tensors, grads = [], []
         if self.is_last:
             tensors.append(outs[self.plan.loss])
@@ -196,6 +235,16 @@ class RankContext:
         if tensors:
             torch.autograd.backward(tensors, grads)
         self.saved[mb] = (leaves, {})
+
+    def _rng_state(self) -> tuple:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set_rng_state(self, state: tuple) -> None:
+        cpu, cuda = state
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
 
     def all_reduce_grads(self, *, ranks: tuple[int, ...]) -> None:
         """Sum the gradients of the parameters this rank shares with ``ranks``."""
@@ -226,12 +275,30 @@ class RankContext:
         parser = argparse.ArgumentParser(description=f"rank {self.rank} of plan {self.plan.fingerprint}")
         parser.add_argument("--steps", type=int, default=10)
         parser.add_argument("--save-params", default=None, help="directory for this rank's parameters")
+        parser.add_argument("--checkpoint-dir", default=None, help="save training state under this directory")
+        parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+        parser.add_argument("--resume", default=None, help="checkpoint (or --checkpoint-dir) to continue from")
         args = parser.parse_args()
         try:
-            for step in range(args.steps):
+            start = 0
+            if args.resume:
+                # --steps counts every step: a checkpoint taken after K steps resumes at step K.
+                start = checkpoint.load(args.resume, rank=self.rank, params=self.params,
+                                        optimizer=self.optimizer).step
+            # end_step's all-reduce synchronises every rank, so the time between two of
+            # them on rank 0 is the step time of the whole plan (what `predicted` estimates).
+            last_s = time.perf_counter()
+            for step in range(start, args.steps):
                 loss = train_step(step)
+                now_s = time.perf_counter()
                 if self.rank == 0:
-                    print(f"step {step} loss {loss:.6f}", flush=True)
+                    print(f"step {step} loss {loss:.6f} time_ms {(now_s - last_s) * 1e3:.3f}", flush=True)
+                if args.checkpoint_dir and ((step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps):
+                    checkpoint.save(args.checkpoint_dir, step=step + 1, rank=self.rank,
+                                    world_size=self.plan.world_size, plan_fingerprint=self.plan.fingerprint,
+                                    params=self.params, optimizer=self.optimizer)
+                    now_s = time.perf_counter()  # the save is not part of the next step's time
+                last_s = now_s
             if args.save_params:
                 Path(args.save_params).mkdir(parents=True, exist_ok=True)
                 torch.save({k: v.detach().cpu() for k, v in self.params.items()},
@@ -239,3 +306,90 @@ class RankContext:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+# -- failures --------------------------------------------------------------------------------
+# NOTE: [naming the failed rank]
+# When one rank dies, its peers fail too, a moment later, on a closed connection. Each failing
+# rank writes a record (rank, step, time, traceback tail) into $HETCOMPILE_FAILURE_DIR, marking
+# failures inside torch.distributed as "peer" failures; `hetcompile run` names the first rank
+# whose own failure is not a peer's, or, when a rank died without a word (SIGKILL, OOM), the
+# rank torchrun saw exit first.
+
+
+class PeerError(RuntimeError):
+    """A wait on another rank failed: that rank died or hung."""
+
+
+def _recv_from(buf: torch.Tensor, src: int, tag: int, what: str) -> None:
+    try:
+        dist.recv(buf, src, tag=tag)
+    except RuntimeError as e:
+        raise PeerError(f"rank {dist.get_rank()} waiting for {what} from rank {src} failed: {e}") from e
+
+
+def _maybe_fail(rank: int, step: int) -> None:
+    """HETCOMPILE_FAIL_AT="RANK:STEP[:kill|:hang]" makes that rank fail at the start of that step (for
+    tests): raise an error, die by SIGKILL as an OOM-killed process would, or hang forever."""
+    spec = os.environ.get("HETCOMPILE_FAIL_AT")
+    if not spec:
+        return
+    fail_rank, fail_step, *how = spec.split(":")
+    if int(fail_rank) == rank and int(fail_step) == step:
+        if how == ["kill"]:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        while how == ["hang"]:
+            time.sleep(60)
+        raise RuntimeError(f"HETCOMPILE_FAIL_AT={spec}: simulated failure of rank {rank} at step {step}")
+
+
+def _write_failure(ctx: "RankContext", kind: str, message: str) -> None:
+    folder = os.environ.get("HETCOMPILE_FAILURE_DIR")
+    if not folder:
+        return
+    import json
+
+    record = {"rank": ctx.rank, "step": ctx.step, "time_s": time.time(), "kind": kind, "message": message}
+    tmp = Path(folder) / f".failure_rank_{ctx.rank}.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.rename(Path(folder) / f"failure_rank_{ctx.rank}.json")  # whole records only
+
+
+def _install_failure_report(ctx: "RankContext") -> None:
+    """Record an uncaught exception of this rank for `hetcompile run`, then print it as usual."""
+    import traceback
+
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        frames = traceback.extract_tb(tb)
+        peer = issubclass(exc_type, PeerError) or any("torch/distributed" in f.filename.replace("\\", "/")
+                                                       for f in frames)
+        tail = "".join(traceback.format_exception(exc_type, exc, tb)).splitlines()[-12:]
+        try:
+            _write_failure(ctx, "peer" if peer else "error", "\n".join(tail))
+        finally:
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+    if os.environ.get("HETCOMPILE_FAILURE_DIR"):
+        import signal
+
+        def on_sigterm(signum, frame):
+            # torchrun stops the ranks that are still running after one failed. Python runs this handler
+            # only between bytecodes, never inside a blocking torch.distributed wait: a rank that gets
+            # here was busy in its own code, which is how a hung rank is told apart from its waiting peers.
+            where = "".join(traceback.format_stack(frame)[-3:]).rstrip()
+            _write_failure(ctx, "stopped", f"stopped by torchrun while running:\n{where}")
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _refuse(ctx: "RankContext", message: str) -> None:
+    """Stop this rank before it starts training, with ``message`` (recorded for `hetcompile run`)."""
+    _write_failure(ctx, "error", message)
+    raise SystemExit(f"hetcompile: {message}")

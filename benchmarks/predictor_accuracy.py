@@ -1,0 +1,131 @@
+"""Predicted against measured step time, for pinned plans run for real on gloo ranks on this CPU.
+
+    .venv/bin/python benchmarks/predictor_accuracy.py [--steps 14] [--warmup 4] [--profile FILE]
+
+1. Profile this CPU as every rank will run it (one torch thread, gloo between
+   two local processes): ``cost_models.profile.measure_profile``, right before
+   each plan, so that the profile sees the same load from other processes as
+   the run (on a shared machine that load changes by minutes); or read
+   ``--profile FILE`` (written by ``hetcompile profile --ranks 2 -o FILE``)
+   and use it for every plan.
+2. For each plan below (models, stage counts, data-parallel shares, schedules,
+   micro-batch counts), compile it with its decision pinned for a cluster of
+   CPU devices on one node whose ``CPU`` type names the profile, and read the
+   predicted step time (``plan.predicted["step_time_s"]``, the one predictor).
+3. Run it with ``hetcompile.launch.run`` (torchrun, one process per rank,
+   OMP_NUM_THREADS=1) and take the median of the per-step times rank 0 prints
+   after ``--warmup`` steps.
+4. Print each pair and the mean absolute percentage error (target: <= 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import hetcompile  # noqa: E402
+from cost_models.profile import load_profile, measure_profile, save_profile, summary  # noqa: E402
+from hetcompile.launch import run  # noqa: E402
+from hetcompile.planner import PlanDecision, StageDecision  # noqa: E402
+
+EXAMPLES = ROOT / "examples"
+
+
+def _stages(*stages) -> tuple[StageDecision, ...]:
+    return tuple(StageDecision(first, last, tuple(devs), tuple(shares)) for first, last, devs, shares in stages)
+
+
+# (label, model file, schedule, decision). Blocks: mlp 14, gpt2 6, llama 6. At most 3 ranks:
+# this machine has 2 cores, and each rank is one single-threaded process.
+PLANS = [
+    ("mlp  2 stages gpipe M=4", "mlp.py", "gpipe",
+     PlanDecision(_stages((0, 6, (0,), (8,)), (7, 13, (1,), (8,))), num_microbatches=4, microbatch_size=8)),
+    ("mlp  1 stage DP 3:1 1f1b M=2", "mlp.py", "1f1b",
+     PlanDecision(_stages((0, 13, (0, 1), (12, 4))), num_microbatches=2, microbatch_size=16)),
+    ("gpt2 2 stages 1f1b M=4", "gpt2.py", "1f1b",
+     PlanDecision(_stages((0, 2, (0,), (4,)), (3, 5, (1,), (4,))), num_microbatches=4, microbatch_size=4)),
+    ("gpt2 2 stages, stage 0 DP 3:1, gpipe M=2", "gpt2.py", "gpipe",
+     PlanDecision(_stages((0, 2, (0, 1), (6, 2)), (3, 5, (2,), (8,))), num_microbatches=2, microbatch_size=8)),
+    ("llama 2 stages gpipe M=2", "llama.py", "gpipe",
+     PlanDecision(_stages((0, 3, (0,), (8,)), (4, 5, (1,), (8,))), num_microbatches=2, microbatch_size=8)),
+    ("llama 3 stages 1f1b M=4", "llama.py", "1f1b",
+     PlanDecision(_stages((0, 1, (0,), (4,)), (2, 3, (1,), (4,)), (4, 5, (2,), (4,))),
+                  num_microbatches=4, microbatch_size=4)),
+    ("gpt2 1 stage DP 1:1 gpipe M=1", "gpt2.py", "gpipe",
+     PlanDecision(_stages((0, 5, (0, 1), (8, 8))), num_microbatches=1, microbatch_size=16)),
+]
+
+
+def measure_step_s(plan_dir: Path, steps: int, warmup: int) -> tuple[float, list[float]]:
+    """Median per-step seconds after ``warmup`` steps, from the ``time_ms`` rank 0 prints."""
+    out = io.StringIO()
+    run(plan_dir, steps=steps, stream=out)
+    times = [float(line.split()[5]) / 1e3 for line in out.getvalue().splitlines() if line.startswith("step ")]
+    kept = times[warmup:]
+    return statistics.median(kept), kept
+
+
+def _brief(p) -> str:
+    c = p.comm
+    return (f"{p.flops_per_s('fp32') / 1e9:.0f} GFLOP/s, {p.op_fwd_overhead_s * 1e6:.1f}/"
+            f"{p.op_bwd_overhead_s * 1e6:.1f} us/op, p2p {c.p2p_latency_s * 1e6:.0f} us" if c else "")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=14, help="training steps per plan (default 14)")
+    parser.add_argument("--warmup", type=int, default=4, help="steps left out of the median (default 4)")
+    parser.add_argument("--profile", default=None, help="use this profile file instead of measuring one")
+    parser.add_argument("--only", default=None, help="run only plans whose label contains this text")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    fixed = load_profile(args.profile) if args.profile else None
+    if fixed is not None:
+        print(summary(fixed), flush=True)
+
+    rows, profiles = [], []
+    with tempfile.TemporaryDirectory(prefix="hetcompile-accuracy-") as tmp:
+        spec_path = Path(tmp) / "cluster.json"
+        spec_path.write_text(json.dumps({"nodes": [{"device": "CPU", "count": 3}],
+                                         "devices": {"CPU": {"profile": "cpu_profile.json"}}}))
+        print(f"\n{'plan':<44} {'ranks':>5} {'predicted ms':>13} {'measured ms':>12} {'error':>7}  profile")
+        for label, model, schedule, decision in PLANS:
+            if args.only and args.only not in label:
+                continue
+            profile = fixed or measure_profile("cpu", num_ranks=2, num_threads=1, quick=True)
+            profiles.append(profile)
+            save_profile(profile, Path(tmp) / "cpu_profile.json")
+            plan = hetcompile.compile(str(EXAMPLES / model), str(spec_path), schedule=schedule,
+                                      microbatches=decision.num_microbatches, decision=decision)
+            plan_dir = plan.save(Path(tmp) / label.replace(" ", "_").replace(":", "").replace(",", ""))
+            predicted_s = plan.predicted["step_time_s"]
+            start = time.perf_counter()
+            measured_s, kept = measure_step_s(plan_dir, args.steps, args.warmup)
+            err = (predicted_s - measured_s) / measured_s
+            rows.append({"plan": label, "ranks": plan.world_size, "predicted_s": predicted_s,
+                         "measured_s": measured_s, "measured_steps_s": kept, "error": err,
+                         "run_wall_s": time.perf_counter() - start})
+            print(f"{label:<44} {plan.world_size:>5} {predicted_s * 1e3:>13.2f} {measured_s * 1e3:>12.2f} "
+                  f"{err * 100:>+6.1f}%  {_brief(profile)}", flush=True)
+    mape = statistics.mean(abs(r["error"]) for r in rows) if rows else float("nan")
+    print(f"\nMAPE over {len(rows)} plans: {mape * 100:.1f}% (target <= 10%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"profiles": [p.to_json() for p in profiles], "rows": rows,
+                                               "mape": mape}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""hetcompile's emitted programs against torch.distributed.pipelining, same model, split and schedule.
+
+    .venv/bin/python benchmarks/runtime_overhead.py [--steps 30] [--warmup 5] [--rounds 2]
+
+For each case: two pipeline stages on two gloo ranks on this CPU (one torch
+thread per rank), the same model file, the same split, the same schedule and
+micro-batch count, the same optimizer (the model file's ``get_optimizer``)
+and the same per-step batch (``get_batch(step)`` on every rank). Two ways:
+
+- hetcompile: ``hetcompile.compile(..., decision=pinned)`` then
+  ``hetcompile.launch.run`` (the emitted ``rank_R.py`` programs under torchrun);
+- reference: this file under torchrun with ``--reference CASE``: hand-written
+  stage modules, ``PipelineStage`` + ``ScheduleGPipe`` / ``Schedule1F1B``, then
+  ``optimizer.step()`` and an all-reduce of the loss (hetcompile's ``end_step``
+  does the same, so both step ends are a synchronisation of every rank).
+
+Both print a per-step time on rank 0 (between the end-of-step
+synchronisations). The two ways run alternately ``--rounds`` times, so slow
+phases of a shared machine hit both; each way's figure is the median over all
+its steps after ``--warmup`` per run. Prints the ratio hetcompile / reference
+(target: <= 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+EXAMPLES = ROOT / "examples"
+
+# case -> (model file, schedule, micro-batches, last block of stage 0, split layer index for the reference)
+CASES = {
+    "mlp-gpipe": ("mlp.py", "gpipe", 4, 6),
+    "mlp-1f1b": ("mlp.py", "1f1b", 4, 6),
+    "llama-1f1b": ("llama.py", "1f1b", 4, 2),
+    "llama-gpipe": ("llama.py", "gpipe", 2, 2),
+}
+
+
+# ---------------------------------------------------------------- the hand-written reference
+
+
+def _build_reference(case: str, mf, model, rank: int):
+    import torch
+    import torch.nn.functional as F
+
+    model_file, _, _, last_block = CASES[case]
+    if model_file == "mlp.py":
+        # Blocks 0..12 are the Sequential's 13 modules, block 13 the loss.
+        layers = list(model)
+        module = torch.nn.Sequential(*(layers[:last_block + 1] if rank == 0 else layers[last_block + 1:]))
+        return module, mf.loss_fn
+
+    # Llama: block 0 the embedding, blocks 1..4 the decoder layers, block 5 norm + head + loss.
+    inner = model.model
+    split = last_block  # stage 0 holds decoder layers 0..split-1
+
+    class First(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens, self.rotary_emb = inner.embed_tokens, inner.rotary_emb
+            self.layers = torch.nn.ModuleList(inner.layers[:split])
+
+        def forward(self, input_ids):
+            h = self.embed_tokens(input_ids)
+            pos = torch.arange(h.shape[1]).unsqueeze(0)
+            pe = self.rotary_emb(h, pos)
+            for layer in self.layers:  # attention_mask None: causal SDPA, as the model's own mask
+                h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            return h
+
+    class Last(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rotary_emb, self.norm, self.lm_head = inner.rotary_emb, inner.norm, model.lm_head
+            self.layers = torch.nn.ModuleList(inner.layers[split:])
+
+        def forward(self, h):
+            pos = torch.arange(h.shape[1]).unsqueeze(0)
+            pe = self.rotary_emb(h, pos)
+            for layer in self.layers:
+                h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            return self.lm_head(self.norm(h))
+
+    def causal_lm_loss(logits, labels):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+
+    return (First() if rank == 0 else Last()), causal_lm_loss
+
+
+def reference_worker(case: str, steps: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from hetcompile.modelfile import load_model_file
+
+    model_file, schedule_name, num_microbatches, _ = CASES[case]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
+    mf = load_model_file(EXAMPLES / model_file)
+    model = mf.build_model(0)
+    module, loss_fn = _build_reference(case, mf, model, rank)
+    is_last = rank == world - 1
+    stage = PipelineStage(module, rank, world, torch.device("cpu"))
+    schedule_cls = ScheduleGPipe if schedule_name == "gpipe" else Schedule1F1B
+    schedule = schedule_cls(stage, num_microbatches, loss_fn=loss_fn if is_last else None)
+    optimizer = mf.get_optimizer(list(module.parameters()))
+    last_s = time.perf_counter()
+    for step in range(steps):
+        flat, _ = mf.flat_batch(step)  # every rank fetches the batch, as hetcompile's start_step does
+        optimizer.zero_grad(set_to_none=True)
+        losses: list = []
+        if rank == 0:
+            schedule.step(flat[0])
+        else:
+            schedule.step(target=flat[-1], losses=losses)
+        optimizer.step()
+        total = torch.stack(losses).mean().double() if is_last else torch.zeros((), dtype=torch.float64)
+        dist.all_reduce(total)
+        now_s = time.perf_counter()
+        if rank == 0:
+            print(f"step {step} loss {float(total):.6f} time_ms {(now_s - last_s) * 1e3:.3f}", flush=True)
+        last_s = now_s
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step_times_s(text: str, warmup: int) -> list[float]:
+    times = [float(line.split()[5]) / 1e3 for line in text.splitlines() if line.startswith("step ")]
+    return times[warmup:]
+
+
+def run_reference(case: str, steps: int, warmup: int) -> list[float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", __file__, "--reference", case, "--steps", str(steps)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"reference run of {case} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return _step_times_s(done.stdout, warmup)
+
+
+def run_hetcompile(plan_dir: Path, steps: int, warmup: int) -> list[float]:
+    from hetcompile.launch import run
+
+    out = io.StringIO()
+    run(plan_dir, steps=steps, stream=out)
+    return _step_times_s(out.getvalue(), warmup)
+
+
+def compile_case(case: str, out_dir: Path) -> Path:
+    import hetcompile
+    from hetcompile.compiler import analyze
+    from hetcompile.planner import PlanDecision, StageDecision
+
+    model_file, schedule, num_microbatches, last_block = CASES[case]
+    _, costs = analyze(EXAMPLES / model_file)
+    b = costs.global_batch // num_microbatches
+    decision = PlanDecision(stages=(StageDecision(0, last_block, (0,), (b,)),
+                                    StageDecision(last_block + 1, costs.num_blocks - 1, (1,), (b,))),
+                            num_microbatches=num_microbatches, microbatch_size=b)
+    plan = hetcompile.compile(str(EXAMPLES / model_file), {"nodes": [{"device": "CPU", "count": 2}]},
+                              schedule=schedule, microbatches=num_microbatches, decision=decision)
+    return plan.save(out_dir / case)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="steps per run (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="steps per run left out (default 5)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each way (default 2)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)  # worker mode, under torchrun
+    args = parser.parse_args(argv)
+    if args.reference:
+        reference_worker(args.reference, args.steps)
+        return 0
+
+    print(f"{'case':<12} {'hetcompile ms':>14} {'reference ms':>13} {'ratio':>7}")
+    with tempfile.TemporaryDirectory(prefix="hetcompile-overhead-") as tmp:
+        for case in args.cases.split(","):
+            plan_dir = compile_case(case, Path(tmp))
+            het, ref = [], []
+            for _ in range(args.rounds):
+                het += run_hetcompile(plan_dir, args.steps, args.warmup)
+                ref += run_reference(case, args.steps, args.warmup)
+            het_s, ref_s = statistics.median(het), statistics.median(ref)
+            print(f"{case:<12} {het_s * 1e3:>14.2f} {ref_s * 1e3:>13.2f} {het_s / ref_s:>6.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

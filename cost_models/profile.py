@@ -1,0 +1,488 @@
+"""Measured device and link numbers: what the cost model uses instead of datasheet ones.
+
+``hetcompile profile -o profile.json`` runs :func:`measure_profile` on this
+machine and writes a :class:`DeviceProfile`; a cluster spec names the file for
+a device type (``"devices": {"CPU": {"profile": "profile.json"}}``) and then
+:mod:`cost_models.roofline`, :mod:`cost_models.comm` and the optimizer term of
+:mod:`hetcompile.predict` use the measured numbers.
+
+What is measured, and the model each number feeds (all timed with
+``torch.utils.benchmark``, medians):
+
+- matmul time over shapes and dtypes, fitted as ``t = overhead + flops / rate``
+  per dtype: ``matmul_flops_per_s[dtype]`` (the slope; small shapes are slow
+  because of the fixed part, which the per-op overhead below accounts for);
+- elementwise copy time over sizes, fitted as ``t = overhead + bytes / bw``:
+  ``mem_bw_bytes_per_s``;
+- the per-op cost of an ATen call as the emitted stage programs make it
+  (``torch.ops.aten.X.default``, autograd recording on), forward and backward:
+  ``op_fwd_overhead_s``, ``op_bwd_overhead_s``;
+- an Adam step per parameter tensor (the per-tensor loop of torch's CPU
+  optimizers): ``optimizer_per_tensor_s``;
+- with ``num_ranks >= 2`` local processes (gloo on CPU, NCCL on CUDA):
+  ping-pong point-to-point and all-reduce over message sizes, each fitted as
+  ``t = latency + bytes / bw`` (all-reduce as ring-equivalent link numbers,
+  so :func:`cost_models.comm.ring_allreduce_time_s` reproduces the measured
+  time for ``num_ranks`` ranks).
+
+The file is versioned JSON (:meth:`DeviceProfile.to_json`); raw samples are
+kept beside the fitted numbers so a reader can check the fit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hetcompile.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Square-ish shapes from tiny (overhead-bound) to large (throughput-bound), plus the
+# tall-skinny shapes of small-batch transformer layers.
+MATMUL_SHAPES = ((64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
+                 (128, 64, 256), (256, 1024, 256))
+MATMUL_SHAPES_CUDA = MATMUL_SHAPES + ((2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192))
+COPY_NUMEL = (1 << 12, 1 << 16, 1 << 20, 1 << 22)
+COMM_BYTES = (4, 1 << 12, 1 << 16, 1 << 20, 1 << 22)
+# Ops per timed chain when measuring per-op overhead: long enough that the
+# Python loop and the final sum are a small part of the time.
+_CHAIN_LEN = 40
+
+
+@dataclass(frozen=True)
+class CommProfile:
+    """Measured links between ``num_ranks`` local ranks (one machine, so one "node")."""
+
+    num_ranks: int
+    backend: str
+    p2p_latency_s: float
+    p2p_bw_bytes_per_s: float
+    # Ring-equivalent link numbers: ring_allreduce_time_s(bytes, num_ranks, bw, latency)
+    # gives the measured all-reduce time.
+    allreduce_latency_s: float
+    allreduce_bw_bytes_per_s: float
+    samples: tuple[tuple[str, int, float], ...] = ()  # (kind, bytes, seconds)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Measured numbers of one device type (see the module docstring for each).
+
+    >>> p = DeviceProfile(device="cpu", device_name="test", num_threads=1,
+    ...                   matmul_flops_per_s=(("fp32", 2e10),), mem_bw_bytes_per_s=1e10,
+    ...                   op_fwd_overhead_s=5e-6, op_bwd_overhead_s=1e-5, optimizer_per_tensor_s=5e-5)
+    >>> DeviceProfile.from_json(p.to_json()) == p
+    True
+    >>> p.flops_per_s("bf16")  # an unmeasured dtype falls back to fp32
+    20000000000.0
+    """
+
+    device: str  # "cpu" or "cuda"
+    device_name: str
+    num_threads: int  # torch intra-op threads per rank during the measurement
+    matmul_flops_per_s: tuple[tuple[str, float], ...]  # (dtype, fitted rate)
+    mem_bw_bytes_per_s: float
+    op_fwd_overhead_s: float
+    op_bwd_overhead_s: float
+    optimizer_per_tensor_s: float
+    comm: CommProfile | None = None
+    torch_version: str = ""
+    created: str = ""
+    matmul_samples: tuple[tuple[str, int, int, int, float], ...] = field(default=(), compare=False)
+
+    def flops_per_s(self, dtype: str) -> float:
+        rates = dict(self.matmul_flops_per_s)
+        if dtype in rates:
+            return rates[dtype]
+        for other in ("bf16", "fp16", "fp32"):
+            if other in rates and (dtype != "fp32" or other == "fp32"):
+                return rates[other]
+        return next(iter(rates.values()))
+
+    def to_json(self) -> dict:
+        out = {
+            "version": PROFILE_VERSION,
+            "device": self.device, "device_name": self.device_name, "num_threads": self.num_threads,
+            "torch_version": self.torch_version, "created": self.created,
+            "matmul_flops_per_s": dict(self.matmul_flops_per_s),
+            "mem_bw_bytes_per_s": self.mem_bw_bytes_per_s,
+            "op_fwd_overhead_s": self.op_fwd_overhead_s, "op_bwd_overhead_s": self.op_bwd_overhead_s,
+            "optimizer_per_tensor_s": self.optimizer_per_tensor_s,
+            "comm": None,
+            "matmul_samples": [{"dtype": d, "m": m, "n": n, "k": k, "time_s": t}
+                               for d, m, n, k, t in self.matmul_samples],
+        }
+        if self.comm is not None:
+            c = self.comm
+            out["comm"] = {"num_ranks": c.num_ranks, "backend": c.backend,
+                           "p2p_latency_s": c.p2p_latency_s, "p2p_bw_bytes_per_s": c.p2p_bw_bytes_per_s,
+                           "allreduce_latency_s": c.allreduce_latency_s,
+                           "allreduce_bw_bytes_per_s": c.allreduce_bw_bytes_per_s,
+                           "samples": [{"kind": k, "bytes": b, "time_s": t} for k, b, t in c.samples]}
+        return out
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = "the profile") -> "DeviceProfile":
+        if not isinstance(d, dict) or d.get("version") != PROFILE_VERSION:
+            found = d.get("version") if isinstance(d, dict) else type(d).__name__
+            raise UserError(f"{where} is not a hetcompile profile of version {PROFILE_VERSION} (found {found!r}). "
+                            "Write a new one with `hetcompile profile -o profile.json`.")
+        try:
+            comm = None
+            if d.get("comm"):
+                c = d["comm"]
+                comm = CommProfile(
+                    num_ranks=int(c["num_ranks"]), backend=str(c["backend"]),
+                    p2p_latency_s=_non_negative(c["p2p_latency_s"]),
+                    p2p_bw_bytes_per_s=_positive(c["p2p_bw_bytes_per_s"]),
+                    allreduce_latency_s=_non_negative(c["allreduce_latency_s"]),
+                    allreduce_bw_bytes_per_s=_positive(c["allreduce_bw_bytes_per_s"]),
+                    samples=tuple((s["kind"], int(s["bytes"]), float(s["time_s"])) for s in c.get("samples", ())))
+            rates = tuple((k, _positive(v)) for k, v in sorted(d["matmul_flops_per_s"].items()))
+            if not rates:
+                raise ValueError("no matmul rates")
+            return cls(
+                device=str(d["device"]), device_name=str(d["device_name"]), num_threads=int(d["num_threads"]),
+                matmul_flops_per_s=rates, mem_bw_bytes_per_s=_positive(d["mem_bw_bytes_per_s"]),
+                op_fwd_overhead_s=_non_negative(d["op_fwd_overhead_s"]),
+                op_bwd_overhead_s=_non_negative(d["op_bwd_overhead_s"]),
+                optimizer_per_tensor_s=_non_negative(d["optimizer_per_tensor_s"]), comm=comm,
+                torch_version=str(d.get("torch_version", "")), created=str(d.get("created", "")),
+                matmul_samples=tuple((s["dtype"], int(s["m"]), int(s["n"]), int(s["k"]), float(s["time_s"]))
+                                     for s in d.get("matmul_samples", ())))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where} is malformed ({type(e).__name__}: {e}). Write a new one with "
+                            "`hetcompile profile -o profile.json`.") from None
+
+
+def _positive(x) -> float:
+    x = float(x)
+    if not x > 0:
+        raise ValueError(f"expected a positive number, got {x}")
+    return x
+
+
+def _non_negative(x) -> float:
+    x = float(x)
+    if not x >= 0:
+        raise ValueError(f"expected a number >= 0, got {x}")
+    return x
+
+
+def load_profile(path: str | os.PathLike) -> DeviceProfile:
+    """Read a profile file written by :func:`save_profile` (``hetcompile profile``)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"Profile file {path!r} does not exist. Write it with `hetcompile profile -o {path}`, "
+                        "or fix the path (relative paths are relative to the cluster spec's folder).")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"Profile file {path!r} is not valid JSON ({e.msg} at line {e.lineno}). "
+                        "Write a new one with `hetcompile profile`.") from None
+    return DeviceProfile.from_json(data, where=f"profile file {path!r}")
+
+
+def save_profile(profile: DeviceProfile, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(profile.to_json(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def fit_overhead_and_rate(sizes, times_s) -> tuple[float, float]:
+    """Fit ``t = overhead + size / rate`` by least squares on relative error; (overhead_s, rate).
+
+    Relative error so that the small sizes (microseconds) count as much as the large ones.
+
+    >>> o, r = fit_overhead_and_rate([1e3, 1e6, 1e9], [1e-6 + 1e3 / 1e9, 1e-6 + 1e-3, 1e-6 + 1.0])
+    >>> round(o * 1e6, 6), round(r / 1e9, 6)
+    (1.0, 1.0)
+    """
+    import numpy as np
+
+    x = np.asarray(sizes, dtype=float)
+    t = np.asarray(times_s, dtype=float)
+    a = np.stack([np.ones_like(x), x], axis=1) / t[:, None]
+    (overhead, inv_rate), *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
+    if inv_rate <= 0:  # flat curve: no measurable size dependence, so take the largest-size rate
+        inv_rate = t[-1] / x[-1]
+        overhead = 0.0
+    return max(float(overhead), 0.0), float(1.0 / inv_rate)
+
+
+# ---------------------------------------------------------------- measuring one device
+
+
+def _median_s(stmt: str, globals_: dict, min_run_time_s: float, sync=None) -> float:
+    from torch.utils.benchmark import Timer
+
+    if sync is not None:
+        stmt = f"{stmt}; {sync}"
+    return Timer(stmt, globals=globals_).blocked_autorange(min_run_time=min_run_time_s).median
+
+
+def _device(device: str):
+    import torch
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("`hetcompile profile --device cuda` needs a CUDA (or ROCm) GPU, and torch sees none. "
+                            "Run it on the GPU machine, or use --device cpu.")
+        return torch.device("cuda"), "torch.cuda.synchronize()", torch.cuda.get_device_name()
+    if device != "cpu":
+        raise UserError(f"Unknown --device {device!r}; use cpu or cuda.")
+    return torch.device("cpu"), None, platform.processor() or platform.machine()
+
+
+def measure_matmul(device: str = "cpu", dtypes=("fp32", "bf16"), shapes=None, min_run_time_s: float = 0.05):
+    """Matmul samples ``(dtype, m, n, k, seconds)`` and the fitted rate per dtype."""
+    import torch
+
+    dev, sync, _ = _device(device)
+    shapes = shapes or (MATMUL_SHAPES_CUDA if device == "cuda" else MATMUL_SHAPES)
+    samples, rates = [], []
+    for dtype in dtypes:
+        torch_dtype = getattr(torch, _DTYPES[dtype])
+        flops, times = [], []
+        for m, n, k in shapes:
+            a = torch.randn(m, k, device=dev).to(torch_dtype)
+            b = torch.randn(k, n, device=dev).to(torch_dtype)
+            t = _median_s("aten.mm.default(a, b)", {"aten": torch.ops.aten, "a": a, "b": b}, min_run_time_s, sync)
+            samples.append((dtype, m, n, k, t))
+            flops.append(2.0 * m * n * k)
+            times.append(t)
+        _, rate = fit_overhead_and_rate(flops, times)
+        rates.append((dtype, rate))
+        logger.info("matmul %s: %.1f GFLOP/s", dtype, rate / 1e9)
+    return tuple(samples), tuple(rates)
+
+
+def measure_mem_bw(device: str = "cpu", min_run_time_s: float = 0.05) -> float:
+    """Bytes per second of a copy (read + write), fitted over sizes."""
+    import torch
+
+    dev, sync, _ = _device(device)
+    sizes, times = [], []
+    numels = COPY_NUMEL + ((1 << 26,) if device == "cuda" else ())
+    for numel in numels:
+        x = torch.randn(numel, device=dev)
+        times.append(_median_s("x.clone()", {"x": x}, min_run_time_s, sync))
+        sizes.append(2.0 * numel * x.element_size())
+    return fit_overhead_and_rate(sizes, times)[1]
+
+
+def _op_chain(x, aten):
+    # The kinds of calls a stage program makes: views, elementwise, reductions-free math.
+    for _ in range(_CHAIN_LEN // 5):
+        x = aten.mul.Tensor(x, 1.0001)
+        x = aten.add.Tensor(x, x)
+        x = aten.view.default(x, [-1])
+        x = aten.view.default(x, [4, 4])
+        x = aten.tanh.default(x)
+    return x
+
+
+def measure_op_overhead(device: str = "cpu", min_run_time_s: float = 0.1) -> tuple[float, float]:
+    """Per-op seconds of an ATen call on a tiny tensor with autograd on: (forward, backward)."""
+    import torch
+
+    dev, sync, _ = _device(device)
+    x = torch.randn(4, 4, device=dev, requires_grad=True)
+    g = {"chain": _op_chain, "x": x, "aten": torch.ops.aten}
+    fwd = _median_s("chain(x, aten)", g, min_run_time_s, sync)
+    # The backward alone: Timer cannot leave the forward out of the timed statement, and
+    # subtracting two noisy medians can go negative, so time each backward by hand.
+    import time
+
+    times = []
+    deadline = time.perf_counter() + 2 * min_run_time_s
+    while len(times) < 20 or time.perf_counter() < deadline:
+        loss = _op_chain(x, torch.ops.aten).sum()
+        start = time.perf_counter()
+        loss.backward()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    bwd = sorted(times)[len(times) // 2]
+    return fwd / _CHAIN_LEN, bwd / _CHAIN_LEN
+
+
+def measure_optimizer(device: str = "cpu", num_tensors: int = 16, min_run_time_s: float = 0.1) -> float:
+    """Seconds per parameter tensor of an AdamW step on small tensors (the per-tensor loop)."""
+    import torch
+
+    dev, sync, _ = _device(device)
+    params = [torch.nn.Parameter(torch.randn(16, 16, device=dev)) for _ in range(num_tensors)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    opt.step()
+    return _median_s("opt.step()", {"opt": opt}, min_run_time_s, sync) / num_tensors
+
+
+# ---------------------------------------------------------------- measuring links
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, repeats: int) -> None:
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    backend = "nccl" if device == "cuda" else "gloo"
+    dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    samples = []
+    dist.barrier()
+    # torch.utils.benchmark picks its repeat count per process, and a collective must be
+    # called the same number of times on every rank; so a fixed count, median of rounds.
+    for num_bytes in COMM_BYTES:
+        x = torch.zeros(max(num_bytes // 4, 1), device=dev)
+        for kind in ("p2p", "allreduce"):
+            rounds = []
+            for _ in range(repeats + 2):  # two warm-up rounds
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(8):
+                    if kind == "allreduce":
+                        dist.all_reduce(x)
+                    elif rank == 0:  # ping-pong between ranks 0 and 1: a round trip is two messages
+                        dist.send(x, 1)
+                        dist.recv(x, 1)
+                    elif rank == 1:
+                        dist.recv(x, 0)
+                        dist.send(x, 0)
+                sync()
+                per = (time.perf_counter() - start) / 8
+                rounds.append(per / 2 if kind == "p2p" else per)
+            rounds = sorted(rounds[2:])
+            samples.append((kind, x.numel() * 4, rounds[len(rounds) // 2]))
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(samples))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _latency_and_bw(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Latency: the smallest message's time. Bandwidth: the largest message's extra time over it.
+
+    Two points rather than a fit over all sizes: on a loaded machine one slow mid-size
+    sample tilts a least-squares line enough to make the latency 0 or negative.
+
+    >>> lat, bw = _latency_and_bw([(4, 1e-5), (1004, 1e-5 + 1e-6)])
+    >>> lat, round(bw / 1e9, 6)
+    (1e-05, 1.0)
+    """
+    points = sorted(points)
+    (small_bytes, small_s), (large_bytes, large_s) = points[0], points[-1]
+    extra_s = large_s - small_s
+    bw = (large_bytes - small_bytes) / extra_s if extra_s > 0 else large_bytes / large_s
+    return small_s, bw
+
+
+def measure_comm(num_ranks: int, device: str = "cpu", repeats: int = 7) -> CommProfile:
+    """p2p and all-reduce among ``num_ranks`` local processes, fitted to latency + bytes / bw."""
+    import torch.multiprocessing as mp
+
+    from cost_models.comm import ring_allreduce_time_s  # noqa: F401  (the model the fit feeds)
+
+    if num_ranks < 2:
+        raise UserError(f"--ranks {num_ranks}: links need at least 2 ranks. Pass --ranks 2 (or more), or leave "
+                        "it out to profile only the device.")
+    with tempfile.TemporaryDirectory(prefix="hetcompile-profile-") as tmp:
+        out_file = os.path.join(tmp, "comm.json")
+        mp.spawn(_comm_worker, args=(num_ranks, _free_port(), device, out_file, repeats), nprocs=num_ranks)
+        samples = [tuple(s) for s in json.loads(Path(out_file).read_text())]
+    p2p_lat, p2p_bw = _latency_and_bw([(b, t) for k, b, t in samples if k == "p2p"])
+    ar_lat, ar_rate = _latency_and_bw([(b, t) for k, b, t in samples if k == "allreduce"])
+    # Ring: t = 2(n-1) latency + 2(n-1)/n bytes / bw, so the per-link numbers are:
+    n = num_ranks
+    return CommProfile(num_ranks=n, backend="nccl" if device == "cuda" else "gloo",
+                       p2p_latency_s=max(p2p_lat, 1e-9), p2p_bw_bytes_per_s=p2p_bw,
+                       allreduce_latency_s=max(ar_lat / (2 * (n - 1)), 1e-9),
+                       allreduce_bw_bytes_per_s=ar_rate * 2 * (n - 1) / n,
+                       samples=tuple((k, int(b), float(t)) for k, b, t in samples))
+
+
+def measure_profile(device: str = "cpu", *, num_ranks: int = 1, num_threads: int = 1,
+                    dtypes: tuple[str, ...] | None = None, quick: bool = False) -> DeviceProfile:
+    """Measure this machine's ``device`` (and, with ``num_ranks >= 2``, its local links).
+
+    ``num_threads`` is torch's intra-op thread count during the measurement; on a CPU
+    use what each rank will run with (``hetcompile run`` gives every rank one thread).
+
+    >>> p = measure_profile("cpu", quick=True)  # doctest: +SKIP
+    >>> p.flops_per_s("fp32") > 0  # doctest: +SKIP
+    True
+    """
+    import torch
+
+    if num_threads < 1:
+        raise UserError(f"--threads {num_threads}: use at least 1 thread.")
+    _, _, name = _device(device)
+    dtypes = dtypes or (("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16"))
+    run_s = 0.02 if quick else 0.1
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        samples, rates = measure_matmul(device, dtypes, min_run_time_s=run_s / 2)
+        mem_bw = measure_mem_bw(device, min_run_time_s=run_s / 2)
+        op_fwd, op_bwd = measure_op_overhead(device, min_run_time_s=run_s)
+        optimizer = measure_optimizer(device, min_run_time_s=run_s)
+    finally:
+        torch.set_num_threads(old_threads)
+    comm = measure_comm(num_ranks, device, repeats=3 if quick else 7) if num_ranks >= 2 else None
+    profile = DeviceProfile(
+        device=device, device_name=name, num_threads=num_threads, matmul_flops_per_s=rates,
+        mem_bw_bytes_per_s=mem_bw, op_fwd_overhead_s=op_fwd, op_bwd_overhead_s=op_bwd,
+        optimizer_per_tensor_s=optimizer, comm=comm, torch_version=torch.__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        matmul_samples=samples)
+    logger.info("profile: %s", summary(profile))
+    return profile
+
+
+def summary(profile: DeviceProfile) -> str:
+    """A few lines a person reads after ``hetcompile profile``."""
+    lines = [f"device       {profile.device} ({profile.device_name}), {profile.num_threads} thread(s), "
+             f"torch {profile.torch_version}"]
+    lines += [f"matmul {d:<5} {r / 1e9:10.2f} GFLOP/s" for d, r in profile.matmul_flops_per_s]
+    lines.append(f"memory bw    {profile.mem_bw_bytes_per_s / 1e9:10.2f} GB/s (copy, read + write)")
+    lines.append(f"per-op       {profile.op_fwd_overhead_s * 1e6:10.2f} us forward, "
+                 f"{profile.op_bwd_overhead_s * 1e6:.2f} us backward")
+    lines.append(f"optimizer    {profile.optimizer_per_tensor_s * 1e6:10.2f} us per parameter tensor (AdamW)")
+    if profile.comm is not None:
+        c = profile.comm
+        lines.append(f"p2p          {c.p2p_latency_s * 1e6:10.2f} us + bytes / {c.p2p_bw_bytes_per_s / 1e9:.2f} GB/s "
+                     f"({c.backend}, {c.num_ranks} ranks)")
+        lines.append(f"all-reduce   {c.allreduce_latency_s * 1e6:10.2f} us + bytes / "
+                     f"{c.allreduce_bw_bytes_per_s / 1e9:.2f} GB/s per ring link")
+    return "\n".join(lines)
