@@ -35,35 +35,40 @@ sys.path.insert(0, str(ROOT))
 
 import hetcompile  # noqa: E402
 from cost_models.profile import load_profile, measure_profile, save_profile, summary  # noqa: E402
+from hetcompile.compiler import analyze  # noqa: E402
 from hetcompile.launch import run  # noqa: E402
 from hetcompile.planner import PlanDecision, StageDecision  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 
 
-def _stages(*stages) -> tuple[StageDecision, ...]:
-    return tuple(StageDecision(first, last, tuple(devs), tuple(shares)) for first, last, devs, shares in stages)
-
-
-# (label, model file, schedule, decision). Blocks: mlp 14, gpt2 6, llama 6. At most 3 ranks:
-# this machine has 2 cores, and each rank is one single-threaded process.
+# (label, model file, schedule, micro-batches, stages). A stage is (first block, last block,
+# devices, share weights); a negative block counts from the end, and each micro-batch is split
+# across the stage's devices in proportion to the weights (so the plans follow the example
+# files if their batch changes). Blocks: mlp 14, gpt2 6, llama 6. At most 3 ranks: this
+# machine has 2 cores, and each rank is one single-threaded process.
 PLANS = [
-    ("mlp  2 stages gpipe M=4", "mlp.py", "gpipe",
-     PlanDecision(_stages((0, 6, (0,), (8,)), (7, 13, (1,), (8,))), num_microbatches=4, microbatch_size=8)),
-    ("mlp  1 stage DP 3:1 1f1b M=2", "mlp.py", "1f1b",
-     PlanDecision(_stages((0, 13, (0, 1), (12, 4))), num_microbatches=2, microbatch_size=16)),
-    ("gpt2 2 stages 1f1b M=4", "gpt2.py", "1f1b",
-     PlanDecision(_stages((0, 2, (0,), (4,)), (3, 5, (1,), (4,))), num_microbatches=4, microbatch_size=4)),
-    ("gpt2 2 stages, stage 0 DP 3:1, gpipe M=2", "gpt2.py", "gpipe",
-     PlanDecision(_stages((0, 2, (0, 1), (6, 2)), (3, 5, (2,), (8,))), num_microbatches=2, microbatch_size=8)),
-    ("llama 2 stages gpipe M=2", "llama.py", "gpipe",
-     PlanDecision(_stages((0, 3, (0,), (8,)), (4, 5, (1,), (8,))), num_microbatches=2, microbatch_size=8)),
-    ("llama 3 stages 1f1b M=4", "llama.py", "1f1b",
-     PlanDecision(_stages((0, 1, (0,), (4,)), (2, 3, (1,), (4,)), (4, 5, (2,), (4,))),
-                  num_microbatches=4, microbatch_size=4)),
-    ("gpt2 1 stage DP 1:1 gpipe M=1", "gpt2.py", "gpipe",
-     PlanDecision(_stages((0, 5, (0, 1), (8, 8))), num_microbatches=1, microbatch_size=16)),
+    ("mlp  2 stages gpipe M=4", "mlp.py", "gpipe", 4, [(0, 6, (0,), (1,)), (7, -1, (1,), (1,))]),
+    ("mlp  1 stage DP 3:1 1f1b M=2", "mlp.py", "1f1b", 2, [(0, -1, (0, 1), (3, 1))]),
+    ("gpt2 2 stages 1f1b M=4", "gpt2.py", "1f1b", 4, [(0, 2, (0,), (1,)), (3, -1, (1,), (1,))]),
+    ("gpt2 2 stages, stage 0 DP 3:1, gpipe M=2", "gpt2.py", "gpipe", 2,
+     [(0, 2, (0, 1), (3, 1)), (3, -1, (2,), (1,))]),
+    ("llama 2 stages gpipe M=2", "llama.py", "gpipe", 2, [(0, 3, (0,), (1,)), (4, -1, (1,), (1,))]),
+    ("llama 3 stages 1f1b M=4", "llama.py", "1f1b", 4,
+     [(0, 1, (0,), (1,)), (2, 3, (1,), (1,)), (4, -1, (2,), (1,))]),
+    ("gpt2 1 stage DP 1:1 gpipe M=1", "gpt2.py", "gpipe", 1, [(0, -1, (0, 1), (1, 1))]),
 ]
+
+
+def pinned_decision(stages, num_microbatches: int, num_blocks: int, global_batch: int) -> PlanDecision:
+    """The PlanDecision of a PLANS entry for a model of ``num_blocks`` blocks and this global batch."""
+    b = global_batch // num_microbatches
+    out = []
+    for first, last, devices, weights in stages:
+        shares = [b * w // sum(weights) for w in weights]
+        shares[0] += b - sum(shares)
+        out.append(StageDecision(first % num_blocks, last % num_blocks, tuple(devices), tuple(shares)))
+    return PlanDecision(stages=tuple(out), num_microbatches=num_microbatches, microbatch_size=b)
 
 
 def measure_step_s(plan_dir: Path, steps: int, warmup: int) -> tuple[float, list[float]]:
@@ -101,9 +106,11 @@ def main(argv=None) -> int:
         spec_path.write_text(json.dumps({"nodes": [{"device": "CPU", "count": 3}],
                                          "devices": {"CPU": {"profile": "cpu_profile.json"}}}))
         print(f"\n{'plan':<44} {'ranks':>5} {'predicted ms':>13} {'measured ms':>12} {'error':>7}  profile")
-        for label, model, schedule, decision in PLANS:
+        for label, model, schedule, num_microbatches, stages in PLANS:
             if args.only and args.only not in label:
                 continue
+            _, costs = analyze(EXAMPLES / model)
+            decision = pinned_decision(stages, num_microbatches, costs.num_blocks, costs.global_batch)
             profile = fixed or measure_profile("cpu", num_ranks=2, num_threads=1, quick=True)
             profiles.append(profile)
             save_profile(profile, Path(tmp) / "cpu_profile.json")

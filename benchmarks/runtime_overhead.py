@@ -1,6 +1,6 @@
 """hetcompile's emitted programs against torch.distributed.pipelining, same model, split and schedule.
 
-    .venv/bin/python benchmarks/runtime_overhead.py [--steps 30] [--warmup 5] [--rounds 2]
+    .venv/bin/python benchmarks/runtime_overhead.py [--steps 25] [--warmup 5] [--rounds 3] [--cases mlp-gpipe,...]
 
 For each case: two pipeline stages on two gloo ranks on this CPU (one torch
 thread per rank), the same model file, the same split, the same schedule and
@@ -115,7 +115,8 @@ def reference_worker(case: str, steps: int) -> None:
     is_last = rank == world - 1
     stage = PipelineStage(module, rank, world, torch.device("cpu"))
     schedule_cls = ScheduleGPipe if schedule_name == "gpipe" else Schedule1F1B
-    schedule = schedule_cls(stage, num_microbatches, loss_fn=loss_fn if is_last else None)
+    # Every rank gets the loss: without one, a schedule runs forward only.
+    schedule = schedule_cls(stage, num_microbatches, loss_fn=loss_fn)
     optimizer = mf.get_optimizer(list(module.parameters()))
     last_s = time.perf_counter()
     for step in range(steps):
@@ -188,9 +189,9 @@ def compile_case(case: str, out_dir: Path) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="steps per run (default 30)")
+    parser.add_argument("--steps", type=int, default=25, help="steps per run (default 25)")
     parser.add_argument("--warmup", type=int, default=5, help="steps per run left out (default 5)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each way (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each way (default 3)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)  # worker mode, under torchrun
     args = parser.parse_args(argv)
@@ -198,16 +199,20 @@ def main(argv=None) -> int:
         reference_worker(args.reference, args.steps)
         return 0
 
-    print(f"{'case':<12} {'hetcompile ms':>14} {'reference ms':>13} {'ratio':>7}")
+    print(f"{'case':<12} {'hetcompile ms':>14} {'reference ms':>13} {'ratio':>7}  ratio per round")
     with tempfile.TemporaryDirectory(prefix="hetcompile-overhead-") as tmp:
         for case in args.cases.split(","):
             plan_dir = compile_case(case, Path(tmp))
-            het, ref = [], []
+            het, ref, per_round = [], [], []
             for _ in range(args.rounds):
-                het += run_hetcompile(plan_dir, args.steps, args.warmup)
-                ref += run_reference(case, args.steps, args.warmup)
+                het_round = run_hetcompile(plan_dir, args.steps, args.warmup)
+                ref_round = run_reference(case, args.steps, args.warmup)
+                het += het_round
+                ref += ref_round
+                per_round.append(statistics.median(het_round) / statistics.median(ref_round))
             het_s, ref_s = statistics.median(het), statistics.median(ref)
-            print(f"{case:<12} {het_s * 1e3:>14.2f} {ref_s * 1e3:>13.2f} {het_s / ref_s:>6.2f}x", flush=True)
+            rounds = " ".join(f"{r:.2f}" for r in per_round)
+            print(f"{case:<12} {het_s * 1e3:>14.2f} {ref_s * 1e3:>13.2f} {het_s / ref_s:>6.2f}x  {rounds}", flush=True)
     return 0
 
 

@@ -34,6 +34,7 @@ profile's per-op and per-optimizer-tensor times (see :mod:`cost_models.profile`)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -99,7 +100,7 @@ class Cluster:
     inter_node_latency_s: float
     intra_node_latency_s: float
 
-    @property
+    @functools.cached_property  # 1,024-device plans ask for it per link: build it once
     def devices(self) -> tuple[Device, ...]:
         out = []
         for n, node in enumerate(self.nodes):
@@ -164,8 +165,8 @@ class Cluster:
 def _device_json(t: DeviceType) -> dict:
     out = {k: getattr(t, k) for k in _DEVICE_KEYS if k != "profile"}
     if t.profile is not None:
-        # Inline and without the raw samples: the plan stays self-contained and small.
-        out["profile"] = {k: v for k, v in t.profile.to_json().items() if k != "matmul_samples"}
+        # Inline: the plan stays self-contained (the matmul samples are a few dozen numbers).
+        out["profile"] = t.profile.to_json()
     return out
 
 

@@ -12,8 +12,8 @@ What is measured, and the model each number feeds (all timed with
 - matmul time over shapes and dtypes, fitted as ``t = overhead + flops / rate``
   per dtype: ``matmul_flops_per_s[dtype]`` (the slope; small shapes are slow
   because of the fixed part, which the per-op overhead below accounts for);
-- elementwise copy time over sizes, fitted as ``t = overhead + bytes / bw``:
-  ``mem_bw_bytes_per_s``;
+- the time of a mix of elementwise ops (tanh, scale, add, pow, copy) over sizes,
+  fitted as ``t = overhead + bytes / bw``: ``mem_bw_bytes_per_s``;
 - the per-op cost of an ATen call as the emitted stage programs make it
   (``torch.ops.aten.X.default``, autograd recording on), forward and backward:
   ``op_fwd_overhead_s``, ``op_bwd_overhead_s``;
@@ -38,7 +38,7 @@ import os
 import platform
 import socket
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,12 @@ logger = logging.getLogger(__name__)
 
 PROFILE_VERSION = 1
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# Square-ish shapes from tiny (overhead-bound) to large (throughput-bound), plus the
-# tall-skinny shapes of small-batch transformer layers.
-MATMUL_SHAPES = ((64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
-                 (128, 64, 256), (256, 1024, 256))
+# The cost model interpolates the rate by FLOPs per call (blocks do not record shapes), so
+# up to ~0.5 GFLOP the shapes are those of small models' layers: tokens x hidden with an inner
+# dimension of 64 to 256, which run at a fraction of a square matmul's rate on a CPU. Only
+# the largest is square (large layers are throughput-bound).
+MATMUL_SHAPES = ((16, 64, 64), (64, 64, 64), (128, 192, 64), (256, 256, 64), (256, 512, 64), (512, 384, 128),
+                 (1024, 512, 128), (1024, 1024, 256), (1024, 1024, 1024))
 MATMUL_SHAPES_CUDA = MATMUL_SHAPES + ((2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192))
 COPY_NUMEL = (1 << 12, 1 << 16, 1 << 20, 1 << 22)
 COMM_BYTES = (4, 1 << 12, 1 << 16, 1 << 20, 1 << 22)
@@ -99,7 +101,8 @@ class DeviceProfile:
     comm: CommProfile | None = None
     torch_version: str = ""
     created: str = ""
-    matmul_samples: tuple[tuple[str, int, int, int, float], ...] = field(default=(), compare=False)
+    # (dtype, m, n, k, seconds): the cost model interpolates the rate of a call of a given size.
+    matmul_samples: tuple[tuple[str, int, int, int, float], ...] = ()
 
     def flops_per_s(self, dtype: str) -> float:
         rates = dict(self.matmul_flops_per_s)
@@ -109,6 +112,34 @@ class DeviceProfile:
             if other in rates and (dtype != "fp32" or other == "fp32"):
                 return rates[other]
         return next(iter(rates.values()))
+
+    def matmul_rate(self, dtype: str, flops_per_call: float) -> float:
+        """The measured rate of a matmul of ``flops_per_call`` FLOPs: interpolated (log-log) between
+        the measured shapes of ``dtype``, clamped to the end ones; the fitted rate without samples.
+
+        Small matmuls run far below the fitted rate (packing, short inner loops), and the
+        layers of small models are made of them.
+
+        >>> p = DeviceProfile("cpu", "t", 1, (("fp32", 4e10),), 1e10, 0.0, 0.0, 0.0,
+        ...                   matmul_samples=(("fp32", 10, 10, 10, 2e-6), ("fp32", 100, 100, 100, 1e-4)))
+        >>> p.matmul_rate("fp32", 2e3), p.matmul_rate("fp32", 2e9)
+        (1000000000.0, 20000000000.0)
+        >>> round(p.matmul_rate("fp32", (2e3 * 2e6) ** 0.5) / 1e9, 6)  # halfway in log: the geometric mean
+        4.472136
+        """
+        import math
+
+        points = sorted((2.0 * m * n * k, 2.0 * m * n * k / t) for d, m, n, k, t in self.matmul_samples
+                        if d == dtype and t > 0)
+        if not points:
+            return self.flops_per_s(dtype)
+        if flops_per_call <= points[0][0]:
+            return points[0][1]
+        for (f0, r0), (f1, r1) in zip(points, points[1:]):
+            if flops_per_call <= f1:
+                w = (math.log(flops_per_call) - math.log(f0)) / (math.log(f1) - math.log(f0)) if f1 > f0 else 1.0
+                return math.exp((1 - w) * math.log(r0) + w * math.log(r1))
+        return points[-1][1]
 
     def to_json(self) -> dict:
         out = {
@@ -271,17 +302,24 @@ def measure_matmul(device: str = "cpu", dtypes=("fp32", "bf16"), shapes=None, mi
     return tuple(samples), tuple(rates)
 
 
+# The elementwise ops of a layer (GELU's tanh and pow, scaling, residual adds): the bytes term
+# of the cost model stands for all of them, and on a CPU the transcendental ones run well
+# below copy bandwidth. Bytes moved per element (fp32), for each statement.
+_POINTWISE_MIX = (("torch.tanh(x)", 2), ("x * 0.5", 2), ("x + y", 3), ("x.pow(3)", 2), ("x.clone()", 2))
+
+
 def measure_mem_bw(device: str = "cpu", min_run_time_s: float = 0.05) -> float:
-    """Bytes per second of a copy (read + write), fitted over sizes."""
+    """Bytes per second (read + write) of a mix of elementwise ops, fitted over sizes."""
     import torch
 
     dev, sync, _ = _device(device)
     sizes, times = [], []
     numels = COPY_NUMEL + ((1 << 26,) if device == "cuda" else ())
     for numel in numels:
-        x = torch.randn(numel, device=dev)
-        times.append(_median_s("x.clone()", {"x": x}, min_run_time_s, sync))
-        sizes.append(2.0 * numel * x.element_size())
+        x, y = torch.randn(numel, device=dev), torch.randn(numel, device=dev)
+        stmt = "; ".join(s for s, _ in _POINTWISE_MIX)
+        times.append(_median_s(stmt, {"x": x, "y": y, "torch": torch}, min_run_time_s, sync))
+        sizes.append(float(sum(n for _, n in _POINTWISE_MIX) * numel * x.element_size()))
     return fit_overhead_and_rate(sizes, times)[1]
 
 
@@ -412,8 +450,6 @@ def measure_comm(num_ranks: int, device: str = "cpu", repeats: int = 7) -> CommP
     """p2p and all-reduce among ``num_ranks`` local processes, fitted to latency + bytes / bw."""
     import torch.multiprocessing as mp
 
-    from cost_models.comm import ring_allreduce_time_s  # noqa: F401  (the model the fit feeds)
-
     if num_ranks < 2:
         raise UserError(f"--ranks {num_ranks}: links need at least 2 ranks. Pass --ranks 2 (or more), or leave "
                         "it out to profile only the device.")
@@ -474,8 +510,11 @@ def summary(profile: DeviceProfile) -> str:
     """A few lines a person reads after ``hetcompile profile``."""
     lines = [f"device       {profile.device} ({profile.device_name}), {profile.num_threads} thread(s), "
              f"torch {profile.torch_version}"]
-    lines += [f"matmul {d:<5} {r / 1e9:10.2f} GFLOP/s" for d, r in profile.matmul_flops_per_s]
-    lines.append(f"memory bw    {profile.mem_bw_bytes_per_s / 1e9:10.2f} GB/s (copy, read + write)")
+    for d, r in profile.matmul_flops_per_s:
+        measured = [2.0 * m * n * k / t / 1e9 for dt, m, n, k, t in profile.matmul_samples if dt == d and t > 0]
+        spread = f" fitted; {min(measured):.1f} to {max(measured):.1f} over the shapes" if measured else ""
+        lines.append(f"matmul {d:<5} {r / 1e9:10.2f} GFLOP/s{spread}")
+    lines.append(f"memory bw    {profile.mem_bw_bytes_per_s / 1e9:10.2f} GB/s (elementwise mix, read + write)")
     lines.append(f"per-op       {profile.op_fwd_overhead_s * 1e6:10.2f} us forward, "
                  f"{profile.op_bwd_overhead_s * 1e6:.2f} us backward")
     lines.append(f"optimizer    {profile.optimizer_per_tensor_s * 1e6:10.2f} us per parameter tensor (AdamW)")

@@ -36,9 +36,14 @@ BACKWARD_FACTOR = 2.0
 
 
 def block_time_s(
-    block: Block, device: DeviceType, dtype: str, efficiency: float = COMPUTE_EFFICIENCY
+    block: Block, device: DeviceType, dtype: str, efficiency: float = COMPUTE_EFFICIENCY, *,
+    samples: int | None = None,
 ) -> tuple[float, float]:
     """(forward seconds per sample, backward seconds per sample) of ``block`` on ``device``.
+
+    ``samples``: how many samples one call of the block runs (a device's share of a
+    micro-batch). A profiled device's matmul rate depends on the size of each call;
+    without it, the profile's fitted (large-matmul) rate is used.
 
     >>> from hetcompile.ir import Block
     >>> from cost_models.devices import CATALOG
@@ -49,7 +54,11 @@ def block_time_s(
     """
     if device.profile is not None:
         p = device.profile
-        fwd_s = block.fwd_flops_per_sample / p.flops_per_s(dtype) + block.fwd_bytes_per_sample / p.mem_bw_bytes_per_s
+        if samples and block.num_matmul_ops:
+            rate = p.matmul_rate(dtype, samples * block.fwd_flops_per_sample / block.num_matmul_ops)
+        else:
+            rate = p.flops_per_s(dtype)
+        fwd_s = block.fwd_flops_per_sample / rate + block.fwd_bytes_per_sample / p.mem_bw_bytes_per_s
         return fwd_s, BACKWARD_FACTOR * fwd_s
     compute_s = block.fwd_flops_per_sample / (device.peak_flops_per_s(dtype) * efficiency)
     memory_s = block.fwd_bytes_per_sample / (device.mem_bw_bytes_per_s * MEMORY_EFFICIENCY)

@@ -68,7 +68,7 @@ def _microbatch_counts(costs: ModelCosts, num_microbatches: int | None) -> list[
     if num_microbatches is not None:
         return [num_microbatches]
     g = costs.global_batch
-    return [m for m in range(1, g + 1) if g % m == 0 and m <= 64]
+    return [m for m in range(1, g + 1) if g % m == 0 and m <= 512]
 
 
 def even_split(costs: ModelCosts, cluster: Cluster, *, num_microbatches: int | None = None,
@@ -96,7 +96,7 @@ def even_split(costs: ModelCosts, cluster: Cluster, *, num_microbatches: int | N
                 if num_devices % s or num_devices // s > b:
                     continue
                 dp = num_devices // s
-                decision = _even_decision(costs, num_devices, s, dp, m, b)
+                decision = dataclasses.replace(_even_decision(costs, num_devices, s, dp, m, b), schedule=sched)
                 if not _fits(decision, costs, cluster, sched):
                     continue
                 rate = samples_per_s(decision, costs, cluster, sched)
@@ -171,8 +171,7 @@ def per_type_samples_per_s(costs: ModelCosts, cluster: Cluster, *, num_microbatc
         except UserError:
             out[t.name] = 0.0
             continue
-        sched = decision.schedule if hasattr(decision, "schedule") else schedule
-        out[t.name] = samples_per_s(decision, costs, sub, sched)
+        out[t.name] = samples_per_s(decision, costs, sub, decision.schedule)
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import shutil
 import sys
 
@@ -46,9 +47,10 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file defining get_model() and get_batch(step)")
     p.add_argument("--cluster", required=True, help="cluster spec (JSON)")
     p.add_argument("-o", "--out", required=True, help="output directory for plan.json and the programs")
-    p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"], help="pipeline schedule")
+    p.add_argument("--schedule", default="auto", choices=["auto", "gpipe", "1f1b"],
+                   help="pipeline schedule (default auto: the planner picks the faster that fits)")
     p.add_argument("--microbatches", type=_positive_int, default=None,
-                   help="micro-batches per step (default: 4, or the largest divisor of the batch below 4)")
+                   help="micro-batches per step (default: the planner chooses among divisors of the batch)")
     p.add_argument("--max-stages", type=_positive_int, default=None, help="most pipeline stages the planner may use")
     p.add_argument("--seed", type=int, default=0, help="torch seed before get_model() (default 0)")
     p.add_argument("--time-limit", type=_positive_seconds, default=30.0, help="solver time limit in seconds")
@@ -61,19 +63,19 @@ def _run_parser() -> argparse.ArgumentParser:
                                 description="Train with a compiled plan: every rank as a local process "
                                             "(torchrun, gloo on CPU).")
     p.add_argument("plan", help="directory written by `hetcompile MODEL --cluster SPEC -o DIR`")
-    p.add_argument("--steps", type=_positive_int, default=10,
+    p.add_argument("--steps", type=_positive_int, default=10, metavar="N",
                    help="training steps, counted from step 0 also when resuming (default 10)")
-    p.add_argument("--save-params", default=None,
+    p.add_argument("--save-params", default=None, metavar="FILE",
                    help="write the state dict after the last step to this file (torch.save)")
-    p.add_argument("--timeout", type=_positive_seconds, default=30.0,
+    p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="seconds a rank waits on a hung peer before the run stops with an error naming it "
                         "(default 30; a rank that dies is noticed at once)")
-    p.add_argument("--checkpoint-dir", default=None,
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="save training state (parameters, optimizer state, step, RNG; torch.distributed."
                         "checkpoint) into DIR/step_K")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=None,
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="K",
                    help="steps between checkpoints (default 100); the last step is always saved")
-    p.add_argument("--resume", default=None,
+    p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue from a checkpoint: a --checkpoint-dir (its latest) or one of its step_K "
                         "directories, written under this plan or any other plan of the same model. --steps "
                         "counts all steps, so a checkpoint after K steps trains steps K..N-1")
@@ -174,8 +176,36 @@ class _TerminalProgress:
             self.pending = False
 
 
+def _profile_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hetcompile profile",
+        description="Measure this machine's device (matmul FLOP/s per dtype, memory bandwidth, per-op and "
+                    "optimizer overheads) and, with --ranks N, p2p and all-reduce between N local ranks. "
+                    'Name the file in a cluster spec: "devices": {"CPU": {"profile": "profile.json"}}.')
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to measure (default cpu)")
+    p.add_argument("--ranks", type=_positive_int, default=1,
+                   help="local ranks for the link measurements (default 1: no links; use 2 or more)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch threads per rank while measuring; `hetcompile run` gives each rank 1 (default 1)")
+    p.add_argument("--quick", action="store_true", help="shorter measurements (noisier)")
+    p.add_argument("-o", "--out", required=True, help="profile file to write (JSON)")
+    return p
+
+
+def _profile(args) -> int:
+    from cost_models.profile import measure_profile, save_profile, summary
+
+    profile = measure_profile(args.device, num_ranks=args.ranks, num_threads=args.threads, quick=args.quick)
+    save_profile(profile, args.out)
+    print(summary(profile))
+    print(f"\nwrote {args.out}; use it in a cluster spec: "
+          f'"devices": {{"{"CPU" if args.device == "cpu" else "YOUR-GPU-TYPE"}": {{"profile": "{args.out}"}}}}')
+    return 0
+
+
 # Subcommand name -> (argument parser, handler). `hetcompile MODEL ...` (no subcommand) compiles.
 SUBCOMMANDS = {
+    "profile": (_profile_parser, _profile),
     "run": (_run_parser, _run),
     "inspect": (_inspect_parser, _inspect),
     "explain": (_explain_parser, _explain),
@@ -183,9 +213,15 @@ SUBCOMMANDS = {
 }
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # SIGTERM (a scheduler's kill, `timeout`) unwinds like Ctrl-C, so temporary output is removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         if argv and argv[0] in SUBCOMMANDS:
             make_parser, handler = SUBCOMMANDS[argv[0]]
@@ -195,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hetcompile: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("hetcompile: interrupted; nothing was written.", file=sys.stderr)
+        what = "the ranks were stopped" if argv and argv[0] == "run" else "nothing was written"
+        print(f"hetcompile: interrupted; {what}.", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`hetcompile inspect OUT | head`): not worth a traceback. Point

@@ -20,12 +20,14 @@ from hetcompile.capture import capture
 from hetcompile.errors import UserError
 from hetcompile.lowering import lower
 from hetcompile.modelfile import ModelFile, load_model_file, module_model_file
+from hetcompile.baselines import upper_bound_samples_per_s
 from hetcompile.planner import SolverReport, solve
 from hetcompile.predict import predict
 from hetcompile.schedule import SCHEDULES
 from passes.annotate_costs import annotate_costs
 from passes.group_blocks import group_blocks
 from passes.inline_grad_regions import inline_grad_regions
+from passes.mark_replicable import mark_replicable
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +79,9 @@ def _solver_progress(progress, start_s: float):
     return on_progress
 
 
-def default_microbatches(global_batch: int) -> int:
-    """4 micro-batches when the batch allows it, else the largest divisor of the batch below 4."""
-    return next(m for m in (4, 3, 2, 1) if global_batch % m == 0)
-
-
-def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: str = "1f1b", microbatches: int | None = None,
-            seed: int = 0, max_stages: int | None = None, time_limit_s: float = 30.0, progress=None,
-            decision=None):
+def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: str = "auto",
+            microbatches: int | None = None, seed: int = 0, max_stages: int | None = None,
+            time_limit_s: float = 30.0, progress=None, decision=None):
     """Compile a model for a cluster into a :class:`~hetcompile.plan.Plan`.
 
     ``model`` is the path of a model file (see :mod:`hetcompile.modelfile`), a
@@ -99,16 +96,20 @@ def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: st
 
     >>> plan = compile("examples/mlp.py", "examples/a100_v100.json", schedule="gpipe")  # doctest: +SKIP
     """
-    if schedule not in SCHEDULES:
-        raise UserError(f"Unknown schedule {schedule!r}. Choose one of: {', '.join(sorted(SCHEDULES))}.")
+    if schedule not in SCHEDULES and schedule != "auto":
+        raise UserError(f"Unknown schedule {schedule!r}. Choose one of: {', '.join(sorted(SCHEDULES))}, "
+                        "or 'auto' to let the planner choose.")
     timings: dict[str, float] = {}
     mf = _as_model_file(model, example_inputs, optimizer)
     clu = cluster if hasattr(cluster, "devices") else load_cluster(cluster)
     cap, costs = analyze(mf, seed=seed, timings=timings, progress=progress)
-    num_microbatches = microbatches or default_microbatches(cap.global_batch)
-    if num_microbatches < 1 or cap.global_batch % num_microbatches:
+    # None lets the planner choose the micro-batch count jointly with the stages.
+    num_microbatches = microbatches
+    if num_microbatches is not None and (num_microbatches < 1 or cap.global_batch % num_microbatches):
         raise UserError(f"--microbatches {num_microbatches} does not divide the global batch of "
-                        f"{cap.global_batch} samples. Choose a divisor of {cap.global_batch}.")
+                        f"{cap.global_batch} samples. Choose a divisor of {cap.global_batch}, or leave it "
+                        "out to let the planner choose.")
+    schedule_auto = schedule == "auto"
     with _phase("solve", timings, progress):
         if decision is None:
             extra = {}
@@ -120,8 +121,15 @@ def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: st
         else:
             report = SolverReport(status="PINNED", gap=0.0, objective_s=0.0, best_bound_s=0.0, wall_s=0.0,
                                   num_variables=0)
+        if schedule == "auto":
+            schedule = decision.schedule
+        # HetHub's bound: each device type alone with its best plan, same model and global batch.
+        upper_bound = upper_bound_samples_per_s(costs, clu, schedule="auto" if schedule_auto else schedule,
+                                                seed=seed)
     with _phase("emit", timings, progress):
         predicted, _ = predict(decision, costs, clu, schedule)
+        predicted["upper_bound_samples_per_s"] = upper_bound
+        predicted["efficiency"] = predicted["samples_per_s"] / upper_bound if upper_bound > 0 else 0.0
         solver = {"status": report.status, "gap": report.gap, "objective_s": report.objective_s,
                   "best_bound_s": report.best_bound_s, "num_variables": report.num_variables}
         plan = lower(cap, decision, clu, schedule=schedule, seed=seed, model_file=mf.name,
@@ -146,6 +154,7 @@ def analyze(model, *, seed: int = 0, timings: dict | None = None, progress=None)
     with _phase("passes", timings, progress):
         inline_grad_regions(cap.gm)
         annotate_costs(cap)
+        mark_replicable(cap)
         costs = group_blocks(cap)
     return cap, costs
 

@@ -28,7 +28,7 @@ from cost_models.roofline import COMPUTE_EFFICIENCY, MEMORY_EFFICIENCY, block_ti
 from hetcompile.errors import UserError
 from hetcompile.inspection import layer_ranges
 from hetcompile.predict import predict
-from hetcompile.report import format_bytes, format_time
+from hetcompile.report import format_bytes, format_rate, format_time
 from hetcompile.timeline import busiest_stage, plan_timeline
 
 __all__ = ["explain", "format_explain"]
@@ -281,7 +281,7 @@ def format_explain(report: dict) -> str:
     """The explanation as text (what ``hetcompile explain OUT`` prints)."""
     b = report["bottleneck"]
     lines = [f"plan {report['plan']}: predicted step {format_time(report['step_time_s'])}, "
-             f"{report['samples_per_s']:.4g} samples/s ({report['schedule']}, {report['num_microbatches']} "
+             f"{format_rate(report['samples_per_s'])} samples/s ({report['schedule']}, {report['num_microbatches']} "
              f"micro-batches, bubble {report['bubble_fraction'] * 100:.0f}%)",
              "",
              f"bottleneck: stage {b['stage']} ({b['devices']}; {b['layers']})",
@@ -298,14 +298,14 @@ def format_explain(report: dict) -> str:
         lines += ["", "alternatives: none (plan.json has no block costs; recompile the plan to compare)"]
         return "\n".join(lines)
     lines += ["", "alternatives (same cost model and simulator)",
-              f"  {'this plan':<24}{format_time(report['step_time_s']):>10}  {report['samples_per_s']:>10.4g} samples/s"]
+              f"  {'this plan':<24}{format_time(report['step_time_s']):>10}  {format_rate(report['samples_per_s']):>10} samples/s"]
     for alt in report["alternatives"]:
         if alt["step_time_s"] is None:
             lines.append(f"  {alt['name']:<24}{'-':>10}")
             lines += _wrap(f"why: {alt['reason']}", " " * 26)
             continue
         slower = "" if alt["slower_by"] is None else f" ({alt['slower_by'] * 100:+.0f}% step time)"
-        lines.append(f"  {alt['name']:<24}{format_time(alt['step_time_s']):>10}  {alt['samples_per_s']:>10.4g} "
+        lines.append(f"  {alt['name']:<24}{format_time(alt['step_time_s']):>10}  {format_rate(alt['samples_per_s']):>10} "
                      f"samples/s{slower}, {alt['num_stages']} stage{'s' if alt['num_stages'] > 1 else ''} on "
                      f"{alt['devices']}")
         lines += _wrap(f"why: {alt['reason']}", " " * 26)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from hetcompile.report import format_bytes, format_time
+from hetcompile.report import format_bytes, format_rate, format_time
 
 __all__ = ["diff_plans", "format_inspect", "inspect_plan", "layer_ranges"]
 
@@ -153,11 +153,11 @@ def format_inspect(report: dict) -> str:
     p = report["predicted"]
     s = report["solver"]
     lines += ["",
-              f"predicted step {format_time(p['step_time_s'])}, {p['samples_per_s']:.4g} samples/s, "
+              f"predicted step {format_time(p['step_time_s'])}, {format_rate(p['samples_per_s'])} samples/s, "
               f"bubble {_pct(p['bubble_fraction'])}"]
     if p["upper_bound_samples_per_s"] is not None:
         lines.append(f"  efficiency {_pct(p['efficiency'])} of the upper bound "
-                     f"{p['upper_bound_samples_per_s']:.4g} samples/s")
+                     f"{format_rate(p['upper_bound_samples_per_s'])} samples/s")
     else:
         lines.append("  efficiency vs upper bound: n/a (the planner reported no upper bound for this plan)")
     wall = "" if s["wall_s"] is None else f", {format_time(s['wall_s'])}"
@@ -260,7 +260,7 @@ def diff_plans(plan_a, plan_b) -> list[str]:
     if a["idle_devices"] != b["idle_devices"]:
         out.append(f"idle devices: {a['idle_devices']} -> {b['idle_devices']}")
     pa, pb = a["predicted"], b["predicted"]
-    for key, fmt in (("step_time_s", format_time), ("samples_per_s", lambda x: f"{x:.4g}"),
+    for key, fmt in (("step_time_s", format_time), ("samples_per_s", format_rate),
                      ("bubble_fraction", _pct), ("efficiency", _pct)):
         if pa[key] is None or pb[key] is None:
             if (pa[key] is None) != (pb[key] is None):

@@ -29,6 +29,7 @@ class Block:
     num_ops: int = 0  # ATen calls in the forward
     num_grad_ops: int = 0  # of those, the ones autograd records (they run in backward too)
     num_param_tensors: int = 0
+    num_matmul_ops: int = 0  # of those, the ones with FLOPs (mm, addmm, bmm, attention, conv)
 
 
 @dataclass(frozen=True)

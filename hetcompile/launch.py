@@ -51,7 +51,7 @@ def run(plan_dir: str | Path, *, steps: int, save_params: str | Path | None = No
 
     ``steps`` counts all training steps: resumed from a checkpoint taken after K
     steps, the run trains steps K..steps-1 (and returns their losses). Prints
-    ``step K loss X`` per step (from rank 0). With ``save_params``, writes the
+    ``step K loss X time_ms T`` per step (from rank 0). With ``save_params``, writes the
     full state dict after the last step, keyed as ``get_model().state_dict()``.
     With ``checkpoint_dir``, saves the training state every ``checkpoint_every``
     steps and after the last (see :mod:`hetcompile.runtime.checkpoint`);
@@ -91,6 +91,9 @@ def run(plan_dir: str | Path, *, steps: int, save_params: str | Path | None = No
                                     daemon=True)
         watchdog.start()
         losses, log = [], []
+        # The ranks live in their own session: a SIGTERM to this process (a job scheduler, `kill`) must
+        # stop them too, so it interrupts the loop below like Ctrl-C does.
+        restore = _interrupt_on_sigterm()
         try:
             for line in proc.stdout:
                 log.append(line)
@@ -102,6 +105,8 @@ def run(plan_dir: str | Path, *, steps: int, save_params: str | Path | None = No
         except BaseException:
             _kill_group(proc)
             raise
+        finally:
+            restore()
         if proc.returncode != 0:
             raise UserError(_failure_message(plan, plan_dir, proc.returncode, log, failures,
                                              last_step=start + len(losses) - 1, timeout_s=timeout_s,
@@ -172,15 +177,36 @@ def _watchdog(proc: subprocess.Popen, failures: Path, grace_s: float) -> None:
         time.sleep(0.2)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _interrupt_on_sigterm():
+    """Make SIGTERM raise KeyboardInterrupt until the returned function is called."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers can only be set from the main thread
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG\w+)\))?\s*\n",
-                         re.S)
+def _kill_group(proc: subprocess.Popen, *, grace_s: float = 10.0) -> None:
+    """Stop torchrun and its ranks: SIGTERM first, since torchrun then stops the ranks it started in
+    their own process groups; SIGKILL to the whole group if it has not exited ``grace_s`` later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# One entry of torchrun's failure summary: "rank      : 2 (local_rank: 2)" ... "exitcode  : -9 (pid: 7) (SIGKILL)".
+_TORCHRUN_FAILURE = re.compile(r"^\s*rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG\w+)\))?[ \t]*$",
+                               re.M)
 
 
 def _failure_message(plan: Plan, plan_dir: Path, returncode: int, log: list[str], failures: Path, *,
@@ -194,20 +220,26 @@ def _failure_message(plan: Plan, plan_dir: Path, returncode: int, log: list[str]
             pass
     own = sorted((r for r in records if r["kind"] == "error"), key=lambda r: r["time_s"])
     peer = sorted((r for r in records if r["kind"] == "peer"), key=lambda r: r["time_s"])
-    stopped = {r["rank"]: r for r in records if r["kind"] == "stopped"}
-    root = _ROOT_CAUSE.search("".join(log))
+    stopped = _busy_when_stopped(failures)
+    # Ranks that ended without a record of their own: killed by a signal other than torchrun's SIGTERM
+    # (SIGKILL from the OOM killer, SIGSEGV), or exited without a Python exception (os._exit).
     recorded = {r["rank"] for r in records}
+    silent = sorted({(int(m.group(1)), int(m.group(2)), m.group(3))
+                     for m in _TORCHRUN_FAILURE.finditer("".join(log))
+                     if int(m.group(1)) not in recorded and int(m.group(2)) != -15})
     if own:
         r = own[0]
         where = f" at step {r['step']}" if r["step"] is not None else " while starting"
         head = f"Rank {r['rank']}{_describe(plan, r['rank'])} failed{where}; the other ranks stopped."
         detail = f" Its error:\n{r['message']}"
-    elif root and int(root.group(1)) not in recorded:
-        rank, code, sig = int(root.group(1)), int(root.group(2)), root.group(3)
-        how = f"was killed by {sig or 'a signal'}" if code < 0 else f"exited with code {code}"
-        head = (f"Rank {rank}{_describe(plan, rank)} {how} after step {last_step} (out of memory, or killed "
-                "from outside), without an error of its own; the other ranks stopped.")
-        detail = "".join(f" Rank {p['rank']} then saw:\n{p['message']}" for p in peer[:1])
+    elif silent:
+        rank, code, sig = silent[0]
+        how = (f"was killed by {sig or f'signal {-code}'} (out of memory, or killed from outside)" if code < 0
+               else f"exited with code {code}")
+        head = (f"Rank {rank}{_describe(plan, rank)} {how} after step {last_step}, without an error of its own; "
+                "the other ranks stopped.")
+        # A peer's traceback only shows where it waited; its last line says on whom.
+        detail = "".join(f" Rank {p['rank']} then saw: {p['message'].splitlines()[-1]}" for p in peer[:1])
     elif peer:
         r = peer[0]
         rank = _waited_on(r, peer, stopped)
@@ -217,7 +249,7 @@ def _failure_message(plan: Plan, plan_dir: Path, returncode: int, log: list[str]
         else:
             head = (f"Rank {r['rank']}{_describe(plan, r['rank'])} lost a peer at step {r['step']} (a rank died, "
                     f"or hung for longer than --timeout {timeout_s:g} s); the other ranks stopped.")
-        detail = f" Rank {r['rank']} saw:\n{r['message']}"
+        detail = f" Rank {r['rank']} saw: {r['message'].splitlines()[-1]}"
     else:
         head = f"Training plan {plan_dir} failed (torchrun exit code {returncode})."
         detail = " Its last lines of output:\n" + "".join(log[-30:])
@@ -226,7 +258,18 @@ def _failure_message(plan: Plan, plan_dir: Path, returncode: int, log: list[str]
     return head + fix + detail.rstrip()
 
 
-def _waited_on(first: dict, peer: list[dict], stopped: dict[int, dict]) -> int | None:
+def _busy_when_stopped(failures: Path) -> set[int]:
+    """Ranks that torchrun stopped while they ran their own code, not a torch.distributed wait: the
+    Python stack each rank's faulthandler wrote on SIGTERM."""
+    busy = set()
+    for f in failures.glob("stack_rank_*.txt"):
+        stack = f.read_text(errors="replace")
+        if stack.strip() and "torch/distributed" not in stack:
+            busy.add(int(f.stem.rsplit("_", 1)[1]))
+    return busy
+
+
+def _waited_on(first: dict, peer: list[dict], stopped: set[int]) -> int | None:
     """The rank that hung, from the peers' timed-out waits: follow "rank A waited for rank B" from the first
     failure while B was itself waiting; a rank stopped while busy in its own code is the likelier culprit."""
     waits = {}

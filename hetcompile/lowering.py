@@ -3,7 +3,8 @@
 The whole lowering, top to bottom (:func:`lower`):
 
 1. ``assign_stages``      every graph node -> the pipeline stage that runs it
-2. ``localize_sizes``     a stage recomputes symbolic sizes instead of receiving them
+2. ``replicate_shared``   a stage recomputes masks and tables instead of receiving them
+   ``localize_sizes``     ... and symbolic sizes
 3. ``assign_ranks``       every used device -> a rank, a stage, a replica and its samples
 4. ``split_stages``       one FX graph per stage; the tensors that cross stages
 5. ``grad_groups``        ranks that hold the same parameters sum their gradients
@@ -35,6 +36,7 @@ def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_f
           data_files: dict[str, bytes] | None = None) -> Plan:
     """Apply ``decision`` to the captured graph and return the plan with its emitted sources."""
     stage_of = assign_stages(cap.gm, decision)
+    replicate_shared(cap, stage_of)
     localize_sizes(cap, stage_of)
     ranks, idle = assign_ranks(decision, cluster)
     graphs, stages, values, loss = split_stages(cap, stage_of, decision, ranks, block_names)
@@ -81,6 +83,42 @@ def assign_stages(gm: torch.fx.GraphModule, decision) -> dict[torch.fx.Node, int
             stage = stage_of[n.args[0]]
         stage_of[n] = stage
     return stage_of
+
+
+def replicate_shared(cap: Captured, stage_of: dict[torch.fx.Node, int]) -> None:
+    """A stage recomputes the masks and tables it reads instead of receiving them.
+
+    Values marked ``replicable`` (:mod:`passes.mark_replicable`: built from sizes,
+    buffers and constants only) that a later stage reads are copied, with their
+    ancestors, into that stage, just before its first reader.
+    """
+    graph = cap.gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    made: dict[tuple[torch.fx.Node, int], torch.fx.Node] = {}
+
+    def copy_into(n: torch.fx.Node, s: int, before: torch.fx.Node) -> torch.fx.Node:
+        if n.op != "call_function" or stage_of[n] == s:
+            return n
+        if (n, s) not in made:
+            with graph.inserting_before(before):
+                new = graph.node_copy(n, lambda a: copy_into(a, s, before))
+            new.meta = {**n.meta, "block": before.meta["block"]}
+            stage_of[new] = s
+            made[n, s] = new
+        return made[n, s]
+
+    for n in list(graph.nodes):
+        if n.op != "call_function" or not n.meta.get("replicable"):
+            continue
+        readers: dict[int, list[torch.fx.Node]] = {}
+        for user in n.users:
+            if user.op == "call_function" and stage_of[user] != stage_of[n]:
+                readers.setdefault(stage_of[user], []).append(user)
+        for s, users in readers.items():
+            copy = copy_into(n, s, min(users, key=order.__getitem__))
+            for user in users:
+                user.replace_input_with(n, copy)
+    graph.eliminate_dead_code()
 
 
 def localize_sizes(cap: Captured, stage_of: dict[torch.fx.Node, int]) -> None:

@@ -14,8 +14,9 @@ an integer prefix array over block positions ``p = 0..B`` (time in units of
 ``Tk[p]`` per-sample forward+backward time on type ``k``, ``Rk[p]`` the same
 with recompute (one more forward), ``P[p]`` parameter bytes, ``A[p]``
 activation bytes per sample, ``I[p]`` bytes per sample entering a stage that
-starts at ``p``, ``X[p]`` the time to send a micro-batch's activations and
-their gradients across cut ``p`` (inter-node link), ``Wc[p]`` twice the
+starts at ``p``, ``X[p]`` the time to send a micro-batch's activations across
+cut ``p`` over the inter-node link (their gradients go back the other way at the
+same time on a full-duplex link), ``Wc[p]`` twice the
 parameter bytes over the bandwidth of link class ``c`` (inter-node, or
 intra-node of type ``k``).
 
@@ -32,16 +33,18 @@ Variables, per stage ``s``:
     (uneven shares: a fast type takes more);
     ``rc[s]``: the stage recomputes its activations in backward;
     ``cls[s,c]``: the link class of the stage's all-reduce;
-    ``T[s]``: stage time per micro-batch; ``AR[s]``: its gradient all-reduce.
-    ``z``: the bottleneck stage time; ``w``: the slowest all-reduce.
+    ``C[s]``: compute time of one micro-batch (forward + backward, slowest device);
+    ``AR[s]``: its gradient all-reduce.
+    ``z``: the bottleneck (period between micro-batches); ``w``: the slowest all-reduce.
 
 Objective (integer time units)::
 
-    minimise  sum_s T[s]  +  (M - 1) * z  +  w
+    minimise  sum_s C[s]  +  2 sum_{s>0} X[cut[s]]  +  (M - 1) * z  +  w
 
-fill-and-drain of one micro-batch through every stage, the other ``M - 1``
-micro-batches at the pace of the slowest stage, then the all-reduces (which
-run concurrently across stages, so the slowest one counts).
+fill-and-drain of one micro-batch through every stage and across every cut
+(forward and back), the other ``M - 1`` micro-batches at the pace of the
+bottleneck, then the all-reduces (which run concurrently across stages, so the
+slowest one counts). :meth:`_Problem.objective_units` evaluates exactly this.
 
 Constraints (method that adds them):
 
@@ -49,8 +52,8 @@ Constraints (method that adds them):
 - shares cover the micro-batch: ``sum_k n[s,k] q[s,k] >= b``, ``1 <= sum_k n[s,k] <= b``,
   ``n[s,k] >= 1  <=>  q[s,k] >= 1``                                       (:meth:`_StageModel.add_shares`)
 - devices per type: ``sum_s n[s,k] <= N_k`` (idle devices allowed)        (:meth:`_StageModel.add_device_counts`)
-- stage time: ``T[s] >= q[s,k] (Tk[cut[s+1]] - Tk[cut[s]]) + X[cut[s]] + X[cut[s+1]]``,
-  with ``Rk`` for ``Tk`` when ``rc[s]``                                     (:meth:`_StageModel.add_stage_times`)
+- stage time: ``C[s] >= q[s,k] (Tk[cut[s+1]] - Tk[cut[s]])``, with ``Rk`` for ``Tk``
+  when ``rc[s]``                                                           (:meth:`_StageModel.add_stage_times`)
 - memory, when ``n[s,k] >= 1``: ``(2 + adam) P(s) + q[s,k] f_s A(s) <= mem_k``, or with
   recompute ``(2 + adam) P(s) + q[s,k] (f_s I[cut[s]] + A(s)) <= mem_k``, where
   ``f_s = M`` (GPipe) or ``min(M, S - s)`` (1F1B) micro-batches in flight
@@ -59,19 +62,25 @@ Constraints (method that adds them):
   alone and ``n[s,k] <= L_k`` (one node); then
   ``AR[s] >= ceil(F(n_s) Wc(s)) + 2 (n_s - 1) lat_c``, ``F(n) = (n-1)/n`` in
   permille, ``n_s = sum_k n[s,k]``                                          (:meth:`_StageModel.add_allreduce`)
-- bottlenecks: ``z >= T[s]``, ``w >= AR[s]``; valid cuts ``z >= z_min`` (every
-  device busy on its share of the work) and ``sum_s T[s] >= z``            (:meth:`_StageModel.add_bottlenecks`)
+- bottlenecks: ``z >= C[s]``, ``z >= X[cut[s]]`` (the link is busy too), ``w >= AR[s]``;
+  for 1F1B, where stage ``s`` holds at most ``S - s`` micro-batches, the round trip
+  ``(S - s) z >= sum_{s'>=s} C[s'] + 2 sum_{s'>s} X[cut[s']]``; and the valid cut
+  ``z >= z_min`` (every device busy on its share of the work)              (:meth:`_StageModel.add_bottlenecks`)
 
 The search around the model (:func:`solve`): a constructive heuristic
-(:func:`_heuristic`, proportional device mix per stage, type-pure stages, one
-type alone) scores every micro-batch count (when ``num_microbatches`` is None),
+(:func:`_heuristic`: proportional device mix per stage, type-pure stages, each
+type alone, the even split a homogeneous trainer would run) scores every micro-batch count (when ``num_microbatches`` is None),
 schedule (when ``schedule="auto"``) and stage count on a ladder (every ``S``
-up to 12, then steps of about 25%); CP-SAT then solves one model per stage
-count for the best-scoring micro-batch count and schedule, hinted with the
-heuristic plan and cut off at the incumbent. The plan is never worse than the
-heuristic. The reported gap is against the smallest CP-SAT bound over the
-stage counts solved. Deterministic time limits, a fixed seed and worker count
-make the same input give the same plan.
+up to 12, then steps of about 25%); CP-SAT then solves one model per
+(micro-batch count, schedule, stage count), best-scored first, each hinted with
+its heuristic plan and cut off at the incumbent, until MAX_SOLVED_MODELS models
+or MAX_SOLVED_VARIABLES variables; a pair whose analytic bound
+(:meth:`_Problem.lower_bound_units`) reaches the incumbent is skipped as proven.
+The plan is never worse than the heuristic. The gap is against the smallest
+bound over every pair (CP-SAT's, or the analytic one for pairs not solved);
+"OPTIMAL" means every pair was solved or bounded out and the ladder covered
+every stage count. Deterministic time limits and model budgets, a fixed seed
+and worker count make the same input give the same plan.
 
 After solving, counts become concrete devices (:func:`_place_devices`: one
 stage's devices of one type on as few nodes as possible) and integer shares
@@ -111,11 +120,18 @@ _PERMILLE = 1000
 # Every stage count up to this is solved; beyond it, a ladder of ~25% steps.
 FULL_STAGE_LADDER = 12
 # Micro-batch counts tried when the caller leaves them to the planner.
-MAX_MICROBATCHES = 64
+MAX_MICROBATCHES = 512
 # Deterministic-time budget (CP-SAT's machine-independent work units, about a
 # second each) per stage-count model: enough to improve the hint and prove
 # small instances optimal, and it keeps 1,024 devices x 96 layers in seconds.
-DETERMINISTIC_TIME_PER_MODEL = 1.0
+DETERMINISTIC_TIME_PER_MODEL = 0.5
+# CP-SAT models solved per plan, best-screened (micro-batch count, schedule, stage count)
+# first, until either cap is reached; the others keep their analytic bound
+# (_Problem.lower_bound_units) in the gap. Counting variables, not seconds, keeps the
+# search deterministic: small models are cheap and many get solved, 1,024-device
+# models cost ~2,000 variables each and a handful get solved.
+MAX_SOLVED_MODELS = 24
+MAX_SOLVED_VARIABLES = 12_000
 # A block with no FLOPs and no bytes would make a device's time zero.
 _MIN_SAMPLE_UNITS = 1
 
@@ -253,6 +269,7 @@ class _Problem:
         self.ar_prefix = [_prefix([2 * blk.param_bytes / bw for blk in blocks], TIME_UNITS_PER_S)
                           for bw in self.link_bw]
         self.ring_factor = [0] + [round(_PERMILLE * (n - 1) / n) for n in range(1, b + 1)]
+        self._max_share: dict[tuple, int] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -285,6 +302,12 @@ class _Problem:
 
     def max_share(self, k: int, num_stages: int, s: int, first: int, last: int, recompute: bool) -> int:
         """The most samples per micro-batch a type-k device holds in memory there (0 if not even one)."""
+        key = (k, self.in_flight(num_stages, s), first, last, recompute)
+        if key not in self._max_share:
+            self._max_share[key] = self._max_share_search(k, num_stages, s, first, last, recompute)
+        return self._max_share[key]
+
+    def _max_share_search(self, k, num_stages, s, first, last, recompute) -> int:
         lo, hi = 0, self.microbatch_size
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -337,8 +360,16 @@ class _Problem:
             return None
         times = [c[0] for c in costs]
         sends = [self.send[st.first_block] for st in stages[1:]]
-        return (sum(times) + 2 * sum(sends) + (self.num_microbatches - 1) * max(times + sends)
-                + max(c[1] for c in costs))
+        bottleneck = max(times + sends + self.cycle_floors(times, sends))
+        return sum(times) + 2 * sum(sends) + (self.num_microbatches - 1) * bottleneck + max(c[1] for c in costs)
+
+    def cycle_floors(self, times: Sequence[int], sends: Sequence[int]) -> list[int]:
+        """1F1B only: stage s holds at most S - s micro-batches, so its period is at least the round
+        trip through stages s..S-1 and back (computes and both-way sends) over S - s."""
+        if self.schedule != "1f1b":
+            return []
+        num_stages = len(times)
+        return [_ceil_div(sum(times[s:]) + 2 * sum(sends[s:]), num_stages - s) for s in range(num_stages - 1)]
 
     def min_bottleneck_units(self) -> int:
         """A lower bound on any stage-time bottleneck: the micro-batch's work spread over every device
@@ -436,15 +467,24 @@ def _split_blocks(problem: _Problem, weights: Sequence[float]) -> list[tuple[int
 
 
 def _build(problem: _Problem, counts_per_stage: Sequence[Sequence[int]], recompute: bool) -> _Choice | None:
-    """Blocks split in proportion to each stage's device speed, then the best shares; two balancing rounds."""
-    num_stages = len(counts_per_stage)
+    """Blocks split in proportion to each stage's device speed (then rebalanced twice on the
+    resulting stage times), or, when memory rules that out, to its smallest device memory."""
     nb = problem.num_blocks
     speeds = [sum(c / problem.sample_units(k, 0, nb - 1) for k, c in enumerate(counts)) for counts in counts_per_stage]
     if min(speeds) <= 0:
         return None
+    best = _build_from(problem, counts_per_stage, recompute, speeds, rounds=3)
+    if best is None:
+        memories = [min(problem.types[k].mem_bytes for k, c in enumerate(counts) if c) for counts in counts_per_stage]
+        best = _build_from(problem, counts_per_stage, recompute, memories, rounds=1)
+    return best
+
+
+def _build_from(problem, counts_per_stage, recompute, weights, rounds: int) -> _Choice | None:
+    num_stages = len(counts_per_stage)
     best: _Choice | None = None
-    for _ in range(3):
-        bounds = _split_blocks(problem, speeds)
+    for _ in range(rounds):
+        bounds = _split_blocks(problem, weights)
         if bounds is None:
             return None
         stages = []
@@ -464,7 +504,7 @@ def _build(problem: _Problem, counts_per_stage: Sequence[Sequence[int]], recompu
         costs = [problem.stage_cost(num_stages, s, st) for s, st in enumerate(stages)]
         if any(c is None for c in costs):
             break
-        speeds = [(prefix[st.last_block + 1] - prefix[st.first_block]) / max(c[0], 1) for st, c in zip(stages, costs)]
+        weights = [(prefix[st.last_block + 1] - prefix[st.first_block]) / max(c[0], 1) for st, c in zip(stages, costs)]
     return best
 
 
@@ -477,7 +517,8 @@ def _heuristic(problem: _Problem, num_stages: int, recompute: bool) -> _Choice |
 
     - mixed: every stage gets ~1/S of every type's devices;
     - type-pure: each type gets stages in proportion to its total speed;
-    - one type alone, each type in turn (so the fastest-type-only plan is always a candidate).
+    - one type alone, each type in turn (so the fastest-type-only plan is always a candidate);
+    - the even split a homogeneous trainer would run (:func:`_even_layout`).
     """
     nt, b = len(problem.types), problem.microbatch_size
     layouts: list[list[list[int]]] = []
@@ -508,7 +549,7 @@ def _heuristic(problem: _Problem, num_stages: int, recompute: bool) -> _Choice |
                     row[k] = c
                     pure.append(row)
             layouts.append(pure)
-    best = None
+    best = _even_layout(problem, num_stages, recompute)
     for layout in layouts:
         if any(sum(row) == 0 for row in layout):
             continue
@@ -517,6 +558,28 @@ def _heuristic(problem: _Problem, num_stages: int, recompute: bool) -> _Choice |
         if choice is not None and (best is None or choice.objective_units < best.objective_units):
             best = choice
     return best
+
+
+def _even_layout(problem: _Problem, num_stages: int, recompute: bool) -> _Choice | None:
+    """What a homogeneous trainer would run (equal blocks per stage, consecutive devices per stage),
+    with the best shares for those devices: so the plan is never worse than the even-split baseline."""
+    nb, b = problem.num_blocks, problem.microbatch_size
+    devices = problem.cluster.devices
+    per_stage = len(devices) // num_stages
+    if per_stage == 0:
+        return None
+    stages = []
+    for s in range(num_stages):
+        counts = [0] * len(problem.types)
+        for d in devices[s * per_stage:(s + 1) * per_stage][:b]:
+            counts[problem.type_index[d.type]] += 1
+        first, last = s * nb // num_stages, (s + 1) * nb // num_stages - 1
+        st = _best_shares(problem, num_stages, s, first, last, counts, recompute)
+        if st is None:
+            return None
+        stages.append(st)
+    objective = problem.objective_units(stages)
+    return None if objective is None else _Choice(tuple(stages), objective)
 
 
 # ---------------------------------------------------------------- the CP-SAT model
@@ -540,7 +603,8 @@ class _StageModel:
                 self.q[s, k] = self.model.new_int_var(0, b, f"q_s{s}_k{k}")
                 self.used[s, k] = self.model.new_bool_var(f"used_s{s}_k{k}")
         self.rc = {s: (self.model.new_bool_var(f"rc_s{s}") if p.allow_recompute else None) for s in range(S)}
-        max_time = max(b * max(max(pre[-1], rc[-1]) for pre, rc in zip(p.time_prefix, p.rc_prefix)), max(p.send))
+        max_time = max(b * max(max(pre[-1], rc[-1], _MIN_SAMPLE_UNITS) for pre, rc in zip(p.time_prefix, p.rc_prefix)),
+                       max(p.send))
         self.C = [self.model.new_int_var(0, max_time, f"C_s{s}") for s in range(S)]
         self.send = [self._at("X", p.send, s) for s in range(1, S)]
         max_ar = max(pre[-1] for pre in p.ar_prefix) + 2 * b * max(p.link_lat_units)
@@ -603,7 +667,8 @@ class _StageModel:
         p, b = self.problem, self.problem.microbatch_size
         for s in range(self.num_stages):
             for k in range(len(p.types)):
-                hi = max(p.time_prefix[k][-1], p.rc_prefix[k][-1])
+                # A model whose costs round to zero time units still needs a non-empty domain.
+                hi = max(p.time_prefix[k][-1], p.rc_prefix[k][-1], _MIN_SAMPLE_UNITS)
                 t = self.model.new_int_var(_MIN_SAMPLE_UNITS, hi, f"t_s{s}_k{k}")
                 plain = self._interval(f"T{k}", p.time_prefix[k], s)
                 rc = self.rc[s]
@@ -672,6 +737,12 @@ class _StageModel:
             self.model.add(self.w >= self.AR[s])
         for send in self.send:
             self.model.add(self.z >= send)
+        if self.problem.schedule == "1f1b":
+            # NOTE: [1F1B round trip] stage s keeps at most S - s micro-batches in flight, so a
+            # micro-batch's trip to the last stage and back bounds its period (_Problem.cycle_floors).
+            for s in range(self.num_stages - 1):
+                trip = sum(self.C[s:]) + 2 * sum(self.send[s:])
+                self.model.add((self.num_stages - s) * self.z >= trip)
         self.model.add(self.z >= self.problem.min_bottleneck_units())
 
     def set_objective(self) -> None:
@@ -700,8 +771,9 @@ class _StageModel:
             self.model.add_hint(self.C[s], cost[0])
             self.model.add_hint(self.AR[s], cost[1])
         costs = [p.stage_cost(self.num_stages, s, st) for s, st in enumerate(choice.stages)]
+        times = [c[0] for c in costs]
         sends = [p.send[st.first_block] for st in choice.stages[1:]]
-        self.model.add_hint(self.z, max([c[0] for c in costs] + sends))
+        self.model.add_hint(self.z, max(times + sends + p.cycle_floors(times, sends)))
         self.model.add_hint(self.w, max(c[1] for c in costs))
 
     def solve(self, deterministic_time: float, wall_limit_s: float, seed: int, num_workers: int,
@@ -823,7 +895,14 @@ def _to_decision(problem: _Problem, choice: _Choice) -> PlanDecision:
 def _microbatch_options(global_batch: int, num_microbatches: int | None) -> list[int]:
     if num_microbatches is not None:
         return [num_microbatches]
-    return [m for m in range(1, min(global_batch, MAX_MICROBATCHES) + 1) if global_batch % m == 0]
+    divisors = [m for m in range(1, min(global_batch, MAX_MICROBATCHES) + 1) if global_batch % m == 0]
+    # Keep the search in seconds: divisors at least ~1.8x apart (1, 2, 4, 8, ... or 1, 3, 8, 24, ...).
+    picked, last = [], 0.0
+    for m in divisors:
+        if not picked or math.log(m) - last >= math.log(1.8) or m == divisors[-1]:
+            picked.append(m)
+            last = math.log(m)
+    return picked
 
 
 def _screen(problem: _Problem, limit: int) -> dict[int, _Choice]:
@@ -880,6 +959,9 @@ def solve(
                     for m in _microbatch_options(costs.global_batch, num_microbatches) for sched in schedules]
         limit = problems[0].max_stages(max_stages)
         screened = [(problem, _screen(problem, limit)) for problem in problems]
+        if not allow_rc and allow_recompute is None and limit > FULL_STAGE_LADDER and not any(
+                per_s for _, per_s in screened):
+            continue  # a large instance where no heuristic plan fits: go straight to recompute
         result = _solve_best(screened, limit, start, time_limit_s, seed, num_workers, on_progress)
         if result is not None:
             break
@@ -889,6 +971,7 @@ def solve(
     objective = choice.objective_units
     bound = min(bound, objective)
     gap = 0.0 if all_optimal or objective == 0 else (objective - bound) / objective
+    all_optimal = all_optimal or gap == 0.0  # the bound over every pair met the incumbent: proven
     report = SolverReport(
         status="OPTIMAL" if all_optimal else "FEASIBLE",
         gap=gap,
@@ -903,56 +986,63 @@ def solve(
 
 
 def _solve_best(screened, limit, start, time_limit_s, seed, num_workers, on_progress):
-    """CP-SAT per stage count for the best-screened (M, schedule); None when nothing fits.
+    """CP-SAT per (micro-batch count, schedule, stage count), best-screened first; None when nothing fits.
 
-    Returns (problem, choice, all proven optimal, best bound units, variables).
+    Every pair either gets a CP-SAT model (hinted with its heuristic plan, cut off at the
+    incumbent), or is proven no better by its analytic bound, or, past MAX_SOLVED_MODELS,
+    keeps that bound in the gap. Returns (problem, choice, proven optimal, bound units, variables).
     """
-    scored = [(min(c.objective_units for c in per_s.values()), i) for i, (_, per_s) in enumerate(screened) if per_s]
-    if scored:
-        problem, per_s = screened[min(scored)[1]]
-    else:
-        # No heuristic plan: let CP-SAT search the first (M, schedule) without a hint.
-        problem, per_s = screened[0]
     ladder = stage_ladder(limit)
-    best: _Choice | None = min(per_s.values(), key=lambda c: c.objective_units) if per_s else None
-    # Exhaustive over S only when the ladder is complete and (M, schedule) were not screened.
-    all_optimal = len(ladder) == limit and len(screened) == 1
-    bounds, num_variables = [], 0
-    # Best-screened stage counts first, so the cutoff is strong early.
-    order = sorted(ladder, key=lambda s: (per_s[s].objective_units if s in per_s else math.inf, s))
+    pairs = [(problem, s, per_s.get(s)) for problem, per_s in screened for s in ladder]
+    pairs.sort(key=lambda x: x[2].objective_units if x[2] is not None else math.inf)  # stable: input order on ties
+    best: tuple[_Problem, _Choice] | None = None
+    for problem, _, hint in pairs:
+        if hint is not None and (best is None or hint.objective_units < best[1].objective_units):
+            best = (problem, hint)
+    if best is not None and on_progress is not None:
+        # The heuristic incumbent and the analytic bound, before (and even without) any CP-SAT solution.
+        floor = min(problem.lower_bound_units(s) for problem, s, _ in pairs)
+        on_progress(best[1].objective_units / TIME_UNITS_PER_S, min(floor, best[1].objective_units) / TIME_UNITS_PER_S)
+    # Proven optimal only when every stage count was covered (the ladder is complete).
+    all_optimal = len(ladder) == limit
+    bounds, num_variables, solved = [], 0, 0
     deadline = start + time_limit_s
-    for i, num_stages in enumerate(order):
+    for i, (problem, num_stages, hint) in enumerate(pairs):
         floor = problem.lower_bound_units(num_stages)
-        if best is not None and floor >= best.objective_units:
-            bounds.append(best.objective_units)  # proven: no S-stage plan beats the incumbent
+        incumbent = best[1].objective_units if best is not None else None
+        if incumbent is not None and floor >= incumbent:
+            bounds.append(incumbent)  # proven: no such plan beats the incumbent
             continue
+        if solved >= MAX_SOLVED_MODELS or num_variables >= MAX_SOLVED_VARIABLES:
+            bounds.append(floor)
+            all_optimal = False
+            continue
+        solved += 1
         stage_model = _StageModel(problem, num_stages)
         num_variables += stage_model.num_variables
-        hint = per_s.get(num_stages)
-        if best is not None:
-            stage_model.add_incumbent_cutoff(best.objective_units)
-            if hint is not None and hint.objective_units >= best.objective_units:
+        if incumbent is not None:
+            stage_model.add_incumbent_cutoff(incumbent)
+            if hint is not None and hint.objective_units >= incumbent:
                 hint = None  # it violates the cutoff
         if hint is not None:
             stage_model.add_hint(hint)
-        wall_left_s = (deadline - time.perf_counter()) / (len(order) - i)
+        wall_left_s = (deadline - time.perf_counter()) / max(1, min(len(pairs) - i, MAX_SOLVED_MODELS - solved + 1))
         status, choice, bound = stage_model.solve(DETERMINISTIC_TIME_PER_MODEL, wall_left_s, seed, num_workers,
                                                   on_progress)
-        logger.debug("S=%d: %s objective=%s bound=%s vars=%d", num_stages, status,
-                     choice and choice.objective_units, bound, stage_model.num_variables)
+        logger.debug("M=%d %s S=%d: %s objective=%s bound=%s vars=%d", problem.num_microbatches, problem.schedule,
+                     num_stages, status, choice and choice.objective_units, bound, stage_model.num_variables)
         if status == "INFEASIBLE":
-            if best is not None:
-                bounds.append(best.objective_units)  # nothing better than the incumbent
+            bounds.append(incumbent if incumbent is not None else math.inf)
             continue
         if status != "OPTIMAL":
             all_optimal = False
         bounds.append(max(bound or 0, floor))
-        if choice is not None and (best is None or choice.objective_units < best.objective_units):
-            best = choice
+        if choice is not None and (best is None or choice.objective_units < best[1].objective_units):
+            best = (problem, choice)
     if best is None:
         return None
-    bound = min(bounds) if bounds else best.objective_units
-    return problem, best, all_optimal, bound, num_variables
+    bound = min(bounds) if bounds else best[1].objective_units
+    return best[0], best[1], all_optimal, bound, num_variables
 
 
 # ---------------------------------------------------------------- evaluation and tests

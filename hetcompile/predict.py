@@ -32,7 +32,7 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
         f_s, b_s = 0.0, 0.0
         for d, share in zip(st.devices, st.shares):
             dev_type = cluster.type_of(devices[d].type)
-            per = [block_time_s(b, dev_type, costs.dtype) for b in blocks]
+            per = [block_time_s(b, dev_type, costs.dtype, samples=share) for b in blocks]
             fixed = [block_overhead_s(b, dev_type) for b in blocks]  # per call, whatever the share
             f_s = max(f_s, share * sum(p[0] for p in per) + sum(o[0] for o in fixed))
             b_s = max(b_s, share * sum(p[1] for p in per) + sum(o[1] for o in fixed))

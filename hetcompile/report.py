@@ -5,6 +5,15 @@ from __future__ import annotations
 from collections import Counter
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def format_rate(per_s: float) -> str:
+    """Throughput to 4 significant digits, with thousands separators: 39,780 or 98.47."""
+    return f"{float(f'{per_s:.4g}'):,.0f}" if per_s >= 1000 else f"{per_s:.4g}"
+
+
 def format_time(seconds: float) -> str:
     """Seconds for people: ``format_time(0.0123) == "12.3 ms"``."""
     if seconds == 0:
@@ -36,7 +45,8 @@ def summary(plan) -> str:
     by_rank = {r.rank: r for r in plan.ranks}
     all_types = [n["device"] for n in plan.cluster["nodes"] for _ in range(n["count"])]
     lines = [f"plan {plan.fingerprint}: {plan.model_file} on {format_devices(all_types)}",
-             f"  schedule {plan.schedule}, {plan.num_microbatches} micro-batches of {plan.microbatch_size} samples "
+             f"  schedule {plan.schedule}, {_count(plan.num_microbatches, 'micro-batch', 'micro-batches')} of "
+             f"{_count(plan.microbatch_size, 'sample')} "
              f"(global batch {plan.global_batch}), {plan.world_size} ranks"]
     if plan.timings:
         # Phase order, also for timings read back from timings.json (whose keys are sorted).
@@ -60,9 +70,9 @@ def summary(plan) -> str:
                      f"{format_time(pred['fwd_s'] + pred['bwd_s']):>10}")
     p = plan.predicted
     lines += ["",
-              f"  predicted: step {format_time(p['step_time_s'])}, {p['samples_per_s']:.1f} samples/s, "
+              f"  predicted: step {format_time(p['step_time_s'])}, {format_rate(p['samples_per_s'])} samples/s, "
               f"bubble {p['bubble_fraction'] * 100:.0f}%"
-              + (f", {p['efficiency'] * 100:.0f}% of the upper bound {p['upper_bound_samples_per_s']:.4g} samples/s"
+              + (f", {p['efficiency'] * 100:.0f}% of the upper bound {format_rate(p['upper_bound_samples_per_s'])} samples/s"
                  if p.get("efficiency") is not None and p.get("upper_bound_samples_per_s") else "")]
     worst: dict[str, dict] = {}
     for m in p["memory"]:

@@ -25,11 +25,14 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+from hetcompile.report import format_rate
 from hetcompile.schedule import BACKWARD, FORWARD, Timeline, make_schedule, simulate
 
-__all__ = ["RankSpan", "busiest_stage", "chrome_trace", "plan_timeline", "rank_spans", "timeline_png"]
+__all__ = ["RankSpan", "busiest_stage", "chrome_trace", "plan_timeline", "rank_spans", "shown_ranks", "timeline_png"]
 
 COMPUTE_TRACK = "compute"
+# Beyond this many ranks the pictures show one row per stage (NOTE: [One track per rank]).
+MAX_RANK_ROWS = 64
 
 # Colour per span kind: compute stands out, communication is muted, the all-reduce is warm.
 _COLORS = {FORWARD: "#4C72B0", BACKWARD: "#DD8452", "send": "#7F7F7F", "recv": "#B8B8B8", "allreduce": "#C44E52"}
@@ -73,17 +76,51 @@ def busiest_stage(timeline: Timeline) -> int:
     return max(sorted(busy), key=lambda s: busy[s])
 
 
-def rank_spans(plan, timeline: Timeline | None = None) -> dict[int, list[RankSpan]]:
-    """Per rank, its spans sorted by start; comm spans spread over lanes that never overlap.
+def shown_ranks(plan) -> list:
+    """The ranks that get a row, in stage order: all of them, or one per stage beyond MAX_RANK_ROWS ranks.
+
+    Every replica of a stage has its stage's spans (NOTE: [One track per rank]), so one
+    row per stage loses nothing the simulator knows; the row shown is the stage's rank
+    whose device is fullest, so the memory panel shows the stage's tightest headroom.
+    """
+    ordered = sorted(plan.ranks, key=lambda r: (r.stage, r.rank))
+    if len(ordered) <= MAX_RANK_ROWS:
+        return ordered
+    fill = {m["device_index"]: m["mem_bytes"] / max(m["capacity_bytes"], 1) for m in plan.predicted["memory"]}
+    best: dict[int, object] = {}
+    for r in ordered:
+        if r.stage not in best or fill.get(r.device_index, 0.0) > fill.get(best[r.stage].device_index, 0.0):
+            best[r.stage] = r
+    return [best[s] for s in sorted(best)]
+
+
+def _row_label(plan, rank, short: bool) -> str:
+    if plan.world_size <= MAX_RANK_ROWS:
+        return f"r{rank.rank} s{rank.stage} {rank.device_type}" if short else _rank_label(rank)
+    stage = plan.stages[rank.stage]
+    by_rank = {r.rank: r for r in plan.ranks}
+    types = {}
+    for r in stage.ranks:
+        types[by_rank[r].device_type] = types.get(by_rank[r].device_type, 0) + 1
+    what = ", ".join(f"{n}x {t}" for t, n in sorted(types.items()))
+    return f"s{rank.stage} ({what})" if short else f"stage {rank.stage} · {what} · shown: rank {rank.rank}"
+
+
+def rank_spans(plan, timeline: Timeline | None = None, ranks=None) -> dict[int, list[RankSpan]]:
+    """Per rank (all, or those in ``ranks``), its spans sorted by start; comm spans spread over
+    lanes that never overlap.
 
     See NOTE: [One track per rank].
     """
     timeline = plan_timeline(plan) if timeline is None else timeline
+    wanted = None if ranks is None else {r.rank for r in ranks}
     ranks_of_stage: dict[int, list[int]] = {}
     for r in plan.ranks:
-        ranks_of_stage.setdefault(r.stage, []).append(r.rank)
-    compute: dict[int, list[RankSpan]] = {r.rank: [] for r in plan.ranks}
-    comm: dict[int, list[tuple]] = {r.rank: [] for r in plan.ranks}
+        if wanted is None or r.rank in wanted:
+            ranks_of_stage.setdefault(r.stage, []).append(r.rank)
+    shown = [r for rs in ranks_of_stage.values() for r in rs]
+    compute: dict[int, list[RankSpan]] = {r: [] for r in shown}
+    comm: dict[int, list[tuple]] = {r: [] for r in shown}
     for span in timeline.spans:
         s, m = span.stage, span.microbatch
         if span.kind in (FORWARD, BACKWARD):
@@ -126,12 +163,12 @@ def chrome_trace(plan, timeline: Timeline | None = None) -> dict:
     Each rank has a ``compute`` thread (forward, backward) and ``comm N``
     threads (send, recv, all-reduce).
     """
-    spans = rank_spans(plan, timeline)
-    ordered = sorted(plan.ranks, key=lambda r: (r.stage, r.rank))
+    ordered = shown_ranks(plan)
+    spans = rank_spans(plan, timeline, ordered)
     events: list[dict] = []
     for position, r in enumerate(ordered):
         events.append({"name": "process_name", "ph": "M", "pid": r.rank, "tid": 0,
-                       "args": {"name": _rank_label(r)}})
+                       "args": {"name": _row_label(plan, r, short=False)}})
         events.append({"name": "process_sort_index", "ph": "M", "pid": r.rank, "tid": 0,
                        "args": {"sort_index": position}})
         tracks = [COMPUTE_TRACK] + sorted({sp.track for sp in spans[r.rank]} - {COMPUTE_TRACK})
@@ -167,8 +204,8 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
     from matplotlib.patches import Patch
 
     timeline = plan_timeline(plan) if timeline is None else timeline
-    spans = rank_spans(plan, timeline)
-    ordered = sorted(plan.ranks, key=lambda r: (r.stage, r.rank))
+    ordered = shown_ranks(plan)
+    spans = rank_spans(plan, timeline, ordered)
     n = len(ordered)
     scale, unit = _time_unit(timeline.step_time_s)
     step = timeline.step_time_s * scale
@@ -177,7 +214,7 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
     # Row height shrinks with the rank count so 64 ranks stay on one readable page.
     row_in = 0.42 if n <= 8 else 0.3 if n <= 24 else 0.2
     label_size = 9 if n <= 24 else 7
-    labels = [f"r{r.rank} s{r.stage} {r.device_type}" for r in ordered]
+    labels = [_row_label(plan, r, short=True) for r in ordered]
     fig_w, fig_h = 14.0, 1.6 + row_in * n
     # Room on the left for the longest rank label (about 0.6 em per character).
     left = (0.25 + max(map(len, labels)) * label_size * 0.6 / 72) / fig_w
@@ -218,8 +255,8 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
     ax.tick_params(axis="x", labelsize=8)
     p = plan.predicted
     ax.set_title(f"{plan.model_file}: {plan.schedule}, {plan.num_microbatches} micro-batches x "
-                 f"{plan.microbatch_size} samples, {n} ranks, {len(plan.stages)} stage{'s' if len(plan.stages) > 1 else ''}; "
-                 f"bubble {p['bubble_fraction'] * 100:.0f}%, {p['samples_per_s']:.4g} samples/s",
+                 f"{plan.microbatch_size} samples, {plan.world_size} ranks, {len(plan.stages)} stage{'s' if len(plan.stages) > 1 else ''}; "
+                 f"bubble {p['bubble_fraction'] * 100:.0f}%, {format_rate(p['samples_per_s'])} samples/s",
                  fontsize=10, loc="left")
     fig.legend(handles=[Patch(color=_COLORS[k], label=_LABELS[k]) for k in _COLORS], ncol=5, fontsize=8,
                loc="lower left", bbox_to_anchor=(left, 0.02 / fig_h), frameon=False)

@@ -95,6 +95,8 @@ def group_blocks(cap: Captured) -> ModelCosts:
             num_param_tensors[first] += 1
     out_bytes = [0.0] * num_blocks
     for n in compute:
+        if n.meta.get("replicable"):
+            continue  # the reading stage recomputes it (passes/mark_replicable.py)
         users = [u.meta["block"] for u in n.users if u.op == "call_function"]
         for b in range(n.meta["block"], max(users, default=-1)):
             out_bytes[b] += n.meta["out_bytes"]
@@ -112,6 +114,7 @@ def group_blocks(cap: Captured) -> ModelCosts:
             num_ops=sum(1 for n in nodes if n.target is not operator.getitem),
             num_grad_ops=sum(1 for n in nodes if n.target is not operator.getitem and n.meta.get("requires_grad")),
             num_param_tensors=num_param_tensors[b],
+            num_matmul_ops=sum(1 for n in nodes if n.meta["flops"] > 0),
         ))
     return ModelCosts(blocks=tuple(blocks), global_batch=cap.global_batch, dtype=cap.dtype)
 

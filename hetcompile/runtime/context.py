@@ -18,8 +18,9 @@ from hetcompile.plan import load
 from hetcompile.runtime import checkpoint
 
 # Seconds a rank waits on a peer before giving up (a dead rank must not hang the job). A dead
-# peer's closed sockets fail a wait at once; this bounds the wait on a peer that hangs.
-DEFAULT_TIMEOUT_S = 30
+# peer's closed sockets fail a wait at once; this bounds the wait on a peer that hangs. Launches
+# from launch.sh on a real cluster get this; `hetcompile run` (CPU) sets HETCOMPILE_TIMEOUT_S (--timeout, 30).
+DEFAULT_TIMEOUT_S = 300
 
 
 def _device_for(device_type: str) -> tuple[torch.device, str]:
@@ -70,26 +71,25 @@ class RankContext:
     def _check_launch(self, stage, fingerprint: str | None, world_size: int | None) -> None:
         """Refuse to start when the files of the plan directory, or the launch, are not what rank_R.py was
         compiled for: mixed files of two compiles would train silently wrong."""
-        plan_fp = self.plan.fingerprint
+        plan_fp, mixed = self.plan.fingerprint, ("the directory mixes the files of two compiles. Recompile into a "
+                                                 "fresh directory (or with --force) and launch that.")
         if fingerprint is not None and fingerprint != plan_fp:
-            _refuse(self, f"rank_{self.rank}.py was compiled for plan {fingerprint}, but {self.dir}/plan.json is plan "
-                    f"{plan_fp}: the directory mixes the files of two compiles. Recompile into a fresh directory "
-                    "(or with --force) and launch that.")
+            _refuse(self, f"rank_{self.rank}.py was compiled for plan {fingerprint}, but {self.dir}/plan.json is "
+                          f"plan {plan_fp}: {mixed}")
         stage_doc = getattr(stage, "__doc__", None) or ""
         if fingerprint is not None and f"plan {fingerprint}" not in stage_doc:
-            _refuse(self, f"{getattr(stage, '__file__', 'the stage file')} does not belong to plan {fingerprint} of "
-                    f"rank_{self.rank}.py: the directory mixes the files of two compiles. Recompile into a fresh "
-                    "directory (or with --force) and launch that.")
+            _refuse(self, f"{getattr(stage, '__file__', 'the stage file')} does not belong to plan {fingerprint} "
+                          f"of rank_{self.rank}.py: {mixed}")
         if world_size is not None and world_size != self.plan.world_size:
-            _refuse(self, f"rank_{self.rank}.py was compiled for {world_size} ranks, but {self.dir}/plan.json has "
-                    f"{self.plan.world_size}. Recompile the plan.")
+            _refuse(self, f"rank_{self.rank}.py was compiled for {world_size} ranks, but {self.dir}/plan.json "
+                          f"has {self.plan.world_size}: {mixed}")
         world = int(os.environ.get("WORLD_SIZE", "-1"))
         env_rank = int(os.environ.get("RANK", "-1"))
         if world != self.plan.world_size or env_rank != self.rank:
-            _refuse(self, f"rank_{self.rank}.py of plan {plan_fp} was started as rank {env_rank} of {world}, but the "
-                    f"plan has {self.plan.world_size} ranks and this program is rank {self.rank}. Launch it with "
-                    f"`hetcompile run {self.dir}` or the commands in launch.sh ({self.plan.world_size} processes "
-                    "in all).")
+            _refuse(self, f"rank_{self.rank}.py of plan {plan_fp} was started as rank {env_rank} of {world}, but "
+                          f"the plan has {self.plan.world_size} ranks and this program is rank {self.rank}. Launch "
+                          f"it with `hetcompile run {self.dir}` or the commands in launch.sh "
+                          f"({self.plan.world_size} processes in all).")
 
     def _load_state(self) -> None:
         model = self.model_file.build_model(self.plan.seed)
@@ -119,7 +119,12 @@ class RankContext:
         self.batch = flat
         self.step = step
         _maybe_fail(self.rank, step)
-        self.inbox: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
+        # NOTE: [receives in flight] recv/recv_grad only post the receive (irecv); forward and
+        # backward wait for it. On gloo a blocking recv costs a round trip to the sender, and
+        # the receives of a micro-batch one after another cost one each; posted together they
+        # overlap (4 receives: 5x faster on a loaded 2-core machine, benchmarks/RESULTS.md).
+        self.inbox: dict[tuple[int, str], list[tuple[int, torch.Tensor, _PostedRecv]]] = {}
+        self.grad_recvs: dict[int, list[tuple[str, tuple[int, int], torch.Tensor, _PostedRecv]]] = {}
         self.grad_inbox: dict[tuple[int, str], torch.Tensor] = {}
         self.saved: dict[int, tuple[dict, dict]] = {}
         self.rerun: dict[int, tuple[list, tuple]] = {}  # recompute: a micro-batch's inputs and RNG state
@@ -144,8 +149,8 @@ class RankContext:
         """Receive the rows of ``name`` for ``samples`` of micro-batch ``mb`` from rank ``src``."""
         lo, hi = samples
         buf = self._buffer(name, hi - lo)
-        _recv_from(buf, src, self._tag(mb, name, False, lo), f"{name} of micro-batch {mb}")
-        self.inbox.setdefault((mb, name), []).append((lo, buf))
+        posted = _PostedRecv.post(buf, src, self._tag(mb, name, False, lo), f"{name} of micro-batch {mb}")
+        self.inbox.setdefault((mb, name), []).append((lo, buf, posted))
 
     def send(self, name: str, *, mb: int, dst: int, samples: tuple[int, int]) -> None:
         """Send the rows of output ``name`` for ``samples`` of micro-batch ``mb`` to rank ``dst``."""
@@ -156,14 +161,20 @@ class RankContext:
         """Receive a consumer's gradient of output ``name``; gradients of several consumers add up."""
         lo, hi = samples
         buf = self._buffer(name, hi - lo)
-        _recv_from(buf, src, self._tag(mb, name, True, lo), f"the gradient of {name} of micro-batch {mb}")
-        out = self.saved[mb][1][name]
-        total = self.grad_inbox.setdefault((mb, name), torch.zeros_like(out))
-        rows = self._local_rows(name, samples)
-        if rows is None:
-            total += buf
-        else:
-            total[rows] += buf
+        posted = _PostedRecv.post(buf, src, self._tag(mb, name, True, lo), f"the gradient of {name} of micro-batch {mb}")
+        self.grad_recvs.setdefault(mb, []).append((name, samples, buf, posted))
+
+    def _collect_grads(self, mb: int) -> None:
+        """Wait for the gradients received for micro-batch ``mb`` and add them up per output."""
+        for name, samples, buf, posted in self.grad_recvs.pop(mb, ()):
+            posted.wait()
+            out = self.saved[mb][1][name]
+            total = self.grad_inbox.setdefault((mb, name), torch.zeros_like(out))
+            rows = self._local_rows(name, samples)
+            if rows is None:
+                total += buf
+            else:
+                total[rows] += buf
 
     def send_grad(self, name: str, *, mb: int, dst: int, samples: tuple[int, int]) -> None:
         """Send the gradient of input ``name`` for ``samples`` back to its producer ``dst``."""
@@ -194,7 +205,7 @@ class RankContext:
             elif inp.kind == "input":
                 args.append(self.batch[inp.input_index][lo:hi].to(self.device))
             else:
-                pieces = [t for _, t in sorted(self.inbox.pop((mb, inp.name)), key=lambda p: p[0])]
+                pieces = [posted.wait() for _, _, posted in sorted(self.inbox.pop((mb, inp.name)), key=lambda p: p[0])]
                 x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
                 x.requires_grad_(self.values[inp.name].requires_grad)
                 leaves[inp.name] = x
@@ -216,6 +227,7 @@ class RankContext:
     def backward(self, *, mb: int) -> None:
         """Backward of micro-batch ``mb``: the loss weighted by this piece's share of the global batch,
         and the gradients received for the outputs."""
+        self._collect_grads(mb)
         leaves, outs = self.saved[mb]
         if self.stage_spec.recompute:
             args, rng = self.rerun.pop(mb)
@@ -312,9 +324,11 @@ class RankContext:
 # NOTE: [naming the failed rank]
 # When one rank dies, its peers fail too, a moment later, on a closed connection. Each failing
 # rank writes a record (rank, step, time, traceback tail) into $HETCOMPILE_FAILURE_DIR, marking
-# failures inside torch.distributed as "peer" failures; `hetcompile run` names the first rank
-# whose own failure is not a peer's, or, when a rank died without a word (SIGKILL, OOM), the
-# rank torchrun saw exit first.
+# failures inside torch.distributed as "peer" failures (a failed recv names the rank it waited
+# on); the stack of a rank that torchrun stops is kept, to tell a busy (hung) rank from a waiting
+# one. `hetcompile
+# run` names the first rank whose failure is its own; else a rank that died without a word
+# (SIGKILL, OOM), as torchrun saw it; else the rank the timed-out waits lead to (a hung rank).
 
 
 class PeerError(RuntimeError):
@@ -326,6 +340,32 @@ def _recv_from(buf: torch.Tensor, src: int, tag: int, what: str) -> None:
         dist.recv(buf, src, tag=tag)
     except RuntimeError as e:
         raise PeerError(f"rank {dist.get_rank()} waiting for {what} from rank {src} failed: {e}") from e
+
+
+class _PostedRecv:
+    """A receive in flight (see NOTE: [receives in flight]); ``wait()`` returns the filled buffer."""
+
+    __slots__ = ("buf", "work", "src", "what")
+
+    def __init__(self, buf: torch.Tensor, work, src: int, what: str) -> None:
+        self.buf, self.work, self.src, self.what = buf, work, src, what
+
+    @classmethod
+    def post(cls, buf: torch.Tensor, src: int, tag: int, what: str) -> "_PostedRecv":
+        try:
+            return cls(buf, dist.irecv(buf, src, tag=tag), src, what)
+        except RuntimeError as e:
+            raise PeerError(f"rank {dist.get_rank()} waiting for {what} from rank {src} failed: {e}") from e
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            try:
+                self.work.wait()
+            except RuntimeError as e:
+                raise PeerError(f"rank {dist.get_rank()} waiting for {self.what} from rank {self.src} "
+                                f"failed: {e}") from e
+            self.work = None
+        return self.buf
 
 
 def _maybe_fail(rank: int, step: int) -> None:
@@ -357,6 +397,9 @@ def _write_failure(ctx: "RankContext", kind: str, message: str) -> None:
     tmp.rename(Path(folder) / f"failure_rank_{ctx.rank}.json")  # whole records only
 
 
+_STACK_FILE = None  # kept open for faulthandler, which writes to it from a signal handler
+
+
 def _install_failure_report(ctx: "RankContext") -> None:
     """Record an uncaught exception of this rank for `hetcompile run`, then print it as usual."""
     import traceback
@@ -374,19 +417,19 @@ def _install_failure_report(ctx: "RankContext") -> None:
             previous(exc_type, exc, tb)
 
     sys.excepthook = hook
-    if os.environ.get("HETCOMPILE_FAILURE_DIR"):
+    folder = os.environ.get("HETCOMPILE_FAILURE_DIR")
+    if folder:
+        import faulthandler
         import signal
 
-        def on_sigterm(signum, frame):
-            # torchrun stops the ranks that are still running after one failed. Python runs this handler
-            # only between bytecodes, never inside a blocking torch.distributed wait: a rank that gets
-            # here was busy in its own code, which is how a hung rank is told apart from its waiting peers.
-            where = "".join(traceback.format_stack(frame)[-3:]).rstrip()
-            _write_failure(ctx, "stopped", f"stopped by torchrun while running:\n{where}")
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
+        # torchrun stops the ranks still running after one failed, with SIGTERM. faulthandler writes
+        # this rank's Python stack at that moment, from C, even while it is blocked inside a
+        # torch.distributed wait (where a Python handler would not run, and would delay the exit),
+        # then lets SIGTERM end the process. A stack outside torch.distributed marks a busy rank:
+        # how a hung rank is told apart from the peers waiting on it.
+        global _STACK_FILE
+        _STACK_FILE = open(Path(folder) / f"stack_rank_{ctx.rank}.txt", "w")
+        faulthandler.register(signal.SIGTERM, file=_STACK_FILE, all_threads=True, chain=True)
 
 
 def _refuse(ctx: "RankContext", message: str) -> None:
