@@ -124,7 +124,7 @@ def write_section(text: str, section: str = SECTION) -> None:
         doc = doc.rstrip("\n") + "\n\n" + text
     else:
         end = doc.find("\n## ", start + len(section))
-        doc = doc[:start] + text + (doc[end + 1:] if end >= 0 else "")
+        doc = doc[:start] + text.rstrip("\n") + "\n\n" + (doc[end + 1:] if end >= 0 else "")
     RESULTS.write_text(doc.rstrip("\n") + "\n")
 
 
