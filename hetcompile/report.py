@@ -9,6 +9,35 @@ def _count(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
+def format_shares(shares) -> str:
+    """Samples per device: "2 + 2 + 1" for a few devices, runs folded beyond: "1 x32" or "2 x4 + 1 x8"."""
+    if len(shares) <= 6:
+        return " + ".join(str(s) for s in shares)
+    runs: list[list[int]] = []
+    for s in shares:
+        if runs and runs[-1][0] == s:
+            runs[-1][1] += 1
+        else:
+            runs.append([s, 1])
+    return " + ".join(f"{s} x{n}" if n > 1 else str(s) for s, n in runs)
+
+
+def format_ranges(indices) -> str:
+    """Sorted integers as ranges: [0, 1, 2, 5] -> "0-2, 5"."""
+    out, start, prev = [], None, None
+    for i in sorted(indices):
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            out.append(f"{start}-{prev}" if prev > start else str(start))
+            start = prev = i
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev > start else str(start))
+    return ", ".join(out)
+
+
 def format_rate(per_s: float) -> str:
     """Throughput to 4 significant digits, with thousands separators: 39,780 or 98.47."""
     return f"{float(f'{per_s:.4g}'):,.0f}" if per_s >= 1000 else f"{per_s:.4g}"
@@ -65,7 +94,7 @@ def summary(plan) -> str:
         blocks = first if first == last else f"{first} .. {last}"
         count = st.last_block - st.first_block + 1
         blocks = f"{blocks[:30]} ({count} block{'s' if count > 1 else ''})"
-        shares = " + ".join(f"{s}" for s in st.shares)
+        shares = format_shares(st.shares)
         lines.append(f"  {st.index:<6}{format_devices(types):<26}{blocks:<44}{shares:<22}"
                      f"{format_time(pred['fwd_s'] + pred['bwd_s']):>10}")
     p = plan.predicted
@@ -83,7 +112,7 @@ def summary(plan) -> str:
         lines.append(f"  memory {t:<12} peak {format_bytes(m['mem_bytes'])} of {format_bytes(m['capacity_bytes'])} "
                      f"({100 * m['mem_bytes'] / m['capacity_bytes']:.1f}%)")
     if plan.idle_devices:
-        lines.append(f"  idle devices: {list(plan.idle_devices)} (using them would not speed up the step)")
+        lines.append(f"  idle devices: {format_ranges(plan.idle_devices)} (using them would not speed up the step)")
     s = plan.solver
     lines.append(f"  solver: {s['status']}, gap {s['gap'] * 100:.2f}%, {s['num_variables']} variables")
     return "\n".join(lines)

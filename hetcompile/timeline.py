@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from hetcompile.report import format_rate
+from hetcompile.report import format_ranges, format_rate
 from hetcompile.schedule import BACKWARD, FORWARD, Timeline, make_schedule, simulate
 
 __all__ = ["RankSpan", "busiest_stage", "chrome_trace", "plan_timeline", "rank_spans", "shown_ranks", "timeline_png"]
@@ -254,7 +254,8 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
     ax.set_axisbelow(True)
     ax.tick_params(axis="x", labelsize=8)
     p = plan.predicted
-    ax.set_title(f"{plan.model_file}: {plan.schedule}, {plan.num_microbatches} micro-batches x "
+    ax.set_title(f"{plan.model_file}: {plan.schedule}, {plan.num_microbatches} "
+                 f"micro-batch{'es' if plan.num_microbatches != 1 else ''} x "
                  f"{plan.microbatch_size} samples, {plan.world_size} ranks, {len(plan.stages)} stage{'s' if len(plan.stages) > 1 else ''}; "
                  f"bubble {p['bubble_fraction'] * 100:.0f}%, {format_rate(p['samples_per_s'])} samples/s",
                  fontsize=10, loc="left")
@@ -279,7 +280,7 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
     axm.tick_params(axis="y", left=False)
     axm.set_title("memory per device", fontsize=10, loc="left")
     if plan.idle_devices:
-        idle = ", ".join(str(d) for d in plan.idle_devices)
+        idle = format_ranges(plan.idle_devices)
         fig.text(0.97, 0.12 / fig_h, f"idle devices (no rank): {idle}", fontsize=8, ha="right")
     buf = io.BytesIO()
     # No "Software" metadata: the same plan gives the same bytes whatever matplotlib wrote them.
