@@ -112,12 +112,10 @@ def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: st
     schedule_auto = schedule == "auto"
     with _phase("solve", timings, progress):
         if decision is None:
-            extra = {}
-            # Incumbent and bound while CP-SAT searches, when this planner reports them.
-            if progress and "on_progress" in inspect.signature(solve).parameters:
-                extra["on_progress"] = _solver_progress(progress, time.perf_counter())
+            # Incumbent and bound while CP-SAT searches.
             decision, report = solve(costs, clu, num_microbatches=num_microbatches, schedule=schedule,
-                                     max_stages=max_stages, time_limit_s=time_limit_s, seed=seed, **extra)
+                                     max_stages=max_stages, time_limit_s=time_limit_s, seed=seed,
+                                     on_progress=_solver_progress(progress, time.perf_counter()))
         else:
             report = SolverReport(status="PINNED", gap=0.0, objective_s=0.0, best_bound_s=0.0, wall_s=0.0,
                                   num_variables=0)

@@ -27,8 +27,8 @@ from cost_models.cluster import load_cluster
 from cost_models.roofline import COMPUTE_EFFICIENCY, MEMORY_EFFICIENCY, block_time_s
 from hetcompile.errors import UserError
 from hetcompile.inspection import layer_ranges
-from hetcompile.predict import predict
-from hetcompile.report import format_bytes, format_rate, format_time
+from hetcompile.predict import link, predict
+from hetcompile.report import format_bytes, format_devices, format_rate, format_time
 from hetcompile.timeline import busiest_stage, plan_timeline
 
 __all__ = ["explain", "format_explain"]
@@ -41,23 +41,12 @@ MEMORY_FULL_FRACTION = 0.9
 LINK_BOUND_FRACTION = 0.5
 
 
-def _devices_text(types: list[str]) -> str:
-    counts: dict[str, int] = {}
-    for t in types:
-        counts[t] = counts.get(t, 0) + 1
-    return ", ".join(f"{n}x {t}" for t, n in sorted(counts.items()))
-
-
 def _busy_s(timeline) -> dict[int, float]:
     busy: dict[int, float] = {}
     for span in timeline.spans:
         if span.kind in ("F", "B"):
             busy[span.stage] = busy.get(span.stage, 0.0) + span.duration_s
     return busy
-
-
-def _link_gbps(cluster, group_a, group_b) -> float:
-    return min(cluster.link_bw_bytes_per_s(a, b) for a in group_a for b in group_b) / 1e9
 
 
 def _bottleneck(plan, timeline, cluster) -> dict:
@@ -73,7 +62,7 @@ def _bottleneck(plan, timeline, cluster) -> dict:
     busy_s = _busy_s(timeline)[s]
     compute_end_s = max(span.end_s for span in timeline.spans if span.kind in ("F", "B"))
     exposed_allreduce_s = step_s - compute_end_s
-    out = {"stage": s, "devices": _devices_text(types), "layers": layer_ranges(st.block_names),
+    out = {"stage": s, "devices": format_devices(types), "layers": layer_ranges(st.block_names),
            "busy_s": busy_s, "busy_fraction": busy_s / step_s if step_s else 0.0,
            "compute_per_microbatch_s": compute_mb_s}
 
@@ -100,7 +89,7 @@ def _bottleneck(plan, timeline, cluster) -> dict:
         group_a = [by_rank[r].device_index for r in plan.stages[a].ranks]
         group_b = [by_rank[r].device_index for r in plan.stages[a + 1].ranks]
         transfers.append((max(preds[a]["send_fwd_s"], preds[a + 1]["send_bwd_s"]), a, a + 1,
-                          _link_gbps(cluster, group_a, group_b)))
+                          link(cluster, group_a, group_b)[0] / 1e9))
     if transfers:
         send_s, a, b, gbps = max(transfers)
         if send_s >= LINK_BOUND_FRACTION * compute_mb_s:
@@ -188,7 +177,7 @@ def _alternatives(plan, cluster, time_limit_s: float) -> list[dict]:
         step_s = predicted["step_time_s"]
         entry.update(step_time_s=step_s, samples_per_s=predicted["samples_per_s"],
                      num_stages=len(decision.stages),
-                     devices=_devices_text([cluster.devices[d].type for st in decision.stages for d in st.devices]),
+                     devices=format_devices([cluster.devices[d].type for st in decision.stages for d in st.devices]),
                      slower_by=step_s / plan.predicted["step_time_s"] - 1 if plan.predicted["step_time_s"] else None)
         entry["reason"] = _why_lost(plan, decision, predicted, timeline, cluster)
         out.append(entry)
@@ -227,7 +216,7 @@ def _why_lost(plan, decision, predicted, timeline, cluster) -> str:
     b = busiest_stage(plan_timeline(plan))
     mine_pred = plan.predicted["stages"][b]
     mine = mine_pred["fwd_s"] + mine_pred["bwd_s"]
-    types = _devices_text([cluster.devices[d].type for d in st.devices])
+    types = format_devices([cluster.devices[d].type for d in st.devices])
     costs = plan.model_costs()
     blocks = costs.blocks[st.first_block:st.last_block + 1]
     # The replica that sets the stage's pace: largest share x per-sample time.
@@ -254,7 +243,7 @@ def explain(plan, *, time_limit_s: float = 10.0) -> dict:
     timeline = plan_timeline(plan)
     busy = _busy_s(timeline)
     by_rank = {r.rank: r for r in plan.ranks}
-    stages = [{"stage": st.index, "devices": _devices_text([by_rank[r].device_type for r in st.ranks]),
+    stages = [{"stage": st.index, "devices": format_devices([by_rank[r].device_type for r in st.ranks]),
                "compute_per_microbatch_s": pred["fwd_s"] + pred["bwd_s"],
                "busy_fraction": busy.get(st.index, 0.0) / timeline.step_time_s if timeline.step_time_s else 0.0}
               for st, pred in zip(plan.stages, plan.predicted["stages"])]

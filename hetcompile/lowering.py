@@ -223,7 +223,7 @@ def split_stages(cap: Captured, stage_of, decision, ranks: list[RankSpec], block
                                 ranks=tuple(r.rank for r in stage_ranks),
                                 shares=tuple(r.sample_hi - r.sample_lo for r in stage_ranks),
                                 inputs=tuple(inputs), outputs=tuple(n.name for n in outs),
-                                recompute=getattr(st, "recompute", False)))
+                                recompute=st.recompute))
     value_specs = []
     for n, consumers in values.items():
         val = n.meta["val"]

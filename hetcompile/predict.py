@@ -13,7 +13,7 @@ from hetcompile.ir import ModelCosts
 from hetcompile.schedule import Timeline, make_schedule, simulate
 
 
-def _link(cluster, group_a, group_b) -> tuple[float, float]:
+def link(cluster, group_a, group_b) -> tuple[float, float]:
     """Slowest bandwidth and latency between two device groups: pieces go between every pair."""
     bw = min(cluster.link_bw_bytes_per_s(a, b) for a in group_a for b in group_b)
     lat = max(cluster.link_latency_s(a, b) for a in group_a for b in group_b)
@@ -30,24 +30,25 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
     for s, st in enumerate(stages):
         blocks = costs.blocks[st.first_block:st.last_block + 1]
         f_s, b_s = 0.0, 0.0
-        for d, share in zip(st.devices, st.shares):
-            dev_type = cluster.type_of(devices[d].type)
+        # Replicas of one type with one share take the same time: price each pair once.
+        for type_name, share in sorted({(devices[d].type, share) for d, share in zip(st.devices, st.shares)}):
+            dev_type = cluster.type_of(type_name)
             per = [block_time_s(b, dev_type, costs.dtype, samples=share) for b in blocks]
             fixed = [block_overhead_s(b, dev_type) for b in blocks]  # per call, whatever the share
             f_s = max(f_s, share * sum(p[0] for p in per) + sum(o[0] for o in fixed))
             b_s = max(b_s, share * sum(p[1] for p in per) + sum(o[1] for o in fixed))
         fwd.append(f_s)
-        bwd.append(b_s + (f_s if getattr(st, "recompute", False) else 0.0))  # recompute: forward again
+        bwd.append(b_s + (f_s if st.recompute else 0.0))  # recompute: forward again
         out_bytes = decision.microbatch_size * costs.blocks[st.last_block].out_bytes_per_sample
         if s + 1 < len(stages):
-            bw, lat = _link(cluster, st.devices, stages[s + 1].devices)
+            bw, lat = link(cluster, st.devices, stages[s + 1].devices)
             send_fwd.append(p2p_time_s(out_bytes, bw, lat))
         else:
             send_fwd.append(0.0)
         if s > 0:
             prev = stages[s - 1]
             in_bytes = decision.microbatch_size * costs.blocks[prev.last_block].out_bytes_per_sample
-            bw, lat = _link(cluster, prev.devices, st.devices)
+            bw, lat = link(cluster, prev.devices, st.devices)
             send_bwd.append(p2p_time_s(in_bytes, bw, lat))
         else:
             send_bwd.append(0.0)
@@ -78,7 +79,7 @@ def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, 
             memory.append({
                 "device_index": d, "device_type": dev_type.name, "stage": s,
                 "mem_bytes": int(stage_memory_bytes(param_bytes, act, in_bytes, share, timeline.peak_in_flight[s],
-                                                    getattr(st, "recompute", False))),
+                                                    st.recompute)),
                 "capacity_bytes": int(dev_type.mem_bytes),
             })
     memory.sort(key=lambda m: m["device_index"])

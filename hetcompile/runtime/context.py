@@ -335,13 +335,6 @@ class PeerError(RuntimeError):
     """A wait on another rank failed: that rank died or hung."""
 
 
-def _recv_from(buf: torch.Tensor, src: int, tag: int, what: str) -> None:
-    try:
-        dist.recv(buf, src, tag=tag)
-    except RuntimeError as e:
-        raise PeerError(f"rank {dist.get_rank()} waiting for {what} from rank {src} failed: {e}") from e
-
-
 class _PostedRecv:
     """A receive in flight (see NOTE: [receives in flight]); ``wait()`` returns the filled buffer."""
 
