@@ -28,6 +28,7 @@ from passes.annotate_costs import annotate_costs
 from passes.group_blocks import group_blocks
 from passes.inline_grad_regions import inline_grad_regions
 from passes.mark_replicable import mark_replicable
+from passes.partition_ops import annotate_tp
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def analyze(model, *, seed: int = 0, timings: dict | None = None, progress=None)
         inline_grad_regions(cap.gm)
         annotate_costs(cap)
         mark_replicable(cap)
-        costs = group_blocks(cap)
+        costs = annotate_tp(cap, group_blocks(cap))
     return cap, costs
 
 

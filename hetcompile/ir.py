@@ -30,6 +30,14 @@ class Block:
     num_grad_ops: int = 0  # of those, the ones autograd records (they run in backward too)
     num_param_tensors: int = 0
     num_matmul_ops: int = 0  # of those, the ones with FLOPs (mm, addmm, bmm, attention, conv)
+    # Hash of the block's ops, shapes and dtypes (hetcompile/block_profile.py): identical layers
+    # share it, and a device profile's measured block times are keyed by it.
+    signature: str = ""
+    # Tensor parallelism (passes/partition_ops.py fills these in; the planner prices TP with them).
+    tp_flops_fraction: float = 0.0  # of the forward FLOPs, the fraction in ops TP splits (sharded matmuls, attention)
+    tp_param_fraction: float = 0.0  # of the param bytes, the fraction TP shards
+    tp_comm_bytes_per_sample: float = 0.0  # all-reduced over the TP group per sample in forward (backward: same again)
+    tp_units: int = 1  # the most ways the block splits (e.g. KV heads); 1 = no TP possible
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch
 
 from hetcompile.errors import UserError
 from hetcompile.plan import Plan, load
+from hetcompile.runtime import tp
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,10 @@ def run(plan_dir: str | Path, *, steps: int, save_params: str | Path | None = No
     _check_flags(steps=steps, timeout_s=timeout_s, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
     plan_dir = Path(plan_dir)
     plan = load(plan_dir)
+    if (checkpoint_dir or resume) and any(st.tp > 1 for st in plan.stages):
+        raise UserError(f"The plan in {plan_dir} splits operators across tensor-parallel groups, and hetcompile "
+                        "cannot checkpoint or resume tensor-parallel plans yet. Run it without --checkpoint-dir "
+                        "and --resume, or compile a plan without tensor parallelism (--tp 1) to checkpoint.")
     start = _resume_step(plan, plan_dir, steps=steps, resume=resume) if resume else 0
     stream = stream or sys.stdout
     with tempfile.TemporaryDirectory(prefix="hetcompile-run-") as scratch:
@@ -300,6 +305,11 @@ def merge_params(plan: Plan, plan_dir: Path, shards: Path) -> dict[str, torch.Te
     trained: dict[str, torch.Tensor] = {}
     for r in plan.ranks:
         trained.update(torch.load(shards / f"rank_{r.rank}.pt", weights_only=True))
+    for st in plan.stages:  # tensor-parallel slices, from the members of the first replica
+        if st.param_shards:
+            members = [torch.load(shards / f"rank_{r}.pt", weights_only=True) for r in st.ranks[:st.tp]]
+            for p in st.param_shards:
+                trained[p.param] = tp.full_param([m[p.param] for m in members], p.dim, p.ranges)
     model = load_model_file(plan_dir / "model.py").build_model(plan.seed)
     # Tied parameters appear under several names; the plan trains each under one of them.
     canonical = {}

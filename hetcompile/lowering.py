@@ -7,8 +7,10 @@ The whole lowering, top to bottom (:func:`lower`):
    ``localize_sizes``     ... and symbolic sizes
 3. ``assign_ranks``       every used device -> a rank, a stage, a replica and its samples
 4. ``split_stages``       one FX graph per stage; the tensors that cross stages
-5. ``grad_groups``        ranks that hold the same parameters sum their gradients
-6. ``emit_*``             readable Python: stage_K.py, rank_R.py, main.py, launch.sh
+5. ``split_operators``    tensor-parallel stages: one graph per member, with its shards
+                          and collectives (:mod:`passes.partition_ops`)
+6. ``grad_groups``        ranks that hold the same parameters sum their gradients
+7. ``emit_*``             readable Python: stage_K.py (stage_K_tpJ.py), rank_R.py, main.py, launch.sh
 
 Decisions come in as a :class:`~hetcompile.planner.PlanDecision`; nothing here
 chooses anything, it only applies the plan.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +29,11 @@ import torch.fx
 
 from hetcompile.capture import Captured
 from hetcompile.errors import UserError
-from hetcompile.plan import (GradGroup, Plan, RankSpec, SCHEMA_VERSION, StageInput, StageSpec, ValueSpec,
+from hetcompile.plan import (GradGroup, ParamShard, Plan, RankSpec, SCHEMA_VERSION, StageInput, StageSpec, ValueSpec,
                              fingerprint)
+from hetcompile.runtime import tp
 from hetcompile.schedule import make_schedule
+from passes.partition_ops import partition, rank_graph
 
 
 def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_file: str,
@@ -40,19 +45,21 @@ def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_f
     localize_sizes(cap, stage_of)
     ranks, idle = assign_ranks(decision, cluster)
     graphs, stages, values, loss = split_stages(cap, stage_of, decision, ranks, block_names)
+    member_graphs, stages = split_operators(cap, graphs, stages, block_names)
     groups = grad_groups(stages)
     num_stages = len(stages)
     actions = make_schedule(schedule, num_stages, decision.num_microbatches)
     cluster_json = cluster.to_json()
     fp = fingerprint(cluster_json, [s.__dict__ for s in decision.stages], schedule, decision.num_microbatches,
-                     seed, model_source, [str(g) for g in graphs],
+                     seed, model_source, [str(g) for gs in member_graphs for g in gs],
                      {name: hashlib.sha256(data).hexdigest() for name, data in sorted((data_files or {}).items())})
     plan = Plan(schema_version=SCHEMA_VERSION, fingerprint=fp, model_file=model_file, seed=seed,
                 global_batch=cap.global_batch, num_microbatches=decision.num_microbatches,
                 microbatch_size=decision.microbatch_size, schedule=schedule, cluster=cluster_json,
                 stages=tuple(stages), ranks=tuple(ranks), values=tuple(values), grad_groups=tuple(groups),
                 loss=loss, idle_devices=tuple(idle), predicted=predicted, solver=solver)
-    sources: dict = {f"stage_{s.index}.py": emit_stage(plan, s, graphs[s.index]) for s in stages}
+    sources: dict = {f"{stage_module(s, j)}.py": emit_stage(plan, s, g, j)
+                     for s in stages for j, g in enumerate(member_graphs[s.index])}
     sources.update({f"rank_{r.rank}.py": emit_rank(plan, r, actions[r.stage]) for r in ranks})
     sources["main.py"] = MAIN_PY
     sources["launch.sh"] = emit_launch(plan)
@@ -158,14 +165,20 @@ def assign_ranks(decision, cluster) -> tuple[list[RankSpec], list[int]]:
     rank_of = {d: r for r, d in enumerate(used)}
     ranks = []
     for s, st in enumerate(decision.stages):
-        order = sorted(range(len(st.devices)), key=lambda i: st.devices[i])
+        t = getattr(st, "tp", 1)
+        # A replica is a tensor-parallel group of t devices (one device without TP); its members
+        # keep their order, which matches tp_parts.
+        groups = sorted((range(i, i + t) for i in range(0, len(st.devices), t)),
+                        key=lambda g: min(st.devices[i] for i in g))
         lo = 0
-        for replica, i in enumerate(order):
-            d = st.devices[i]
-            ranks.append(RankSpec(rank=rank_of[d], device_index=d, device_type=devices[d].type,
-                                  node=devices[d].node, stage=s, replica=replica,
-                                  sample_lo=lo, sample_hi=lo + st.shares[i]))
-            lo += st.shares[i]
+        for replica, group in enumerate(groups):
+            share = st.shares[group[0]]
+            for member, i in enumerate(group):
+                d = st.devices[i]
+                ranks.append(RankSpec(rank=rank_of[d], device_index=d, device_type=devices[d].type,
+                                      node=devices[d].node, stage=s, replica=replica,
+                                      sample_lo=lo, sample_hi=lo + share, tp_rank=member))
+            lo += share
     ranks.sort(key=lambda r: r.rank)
     idle = [d.index for d in devices if d.index not in rank_of]
     return ranks, idle
@@ -217,13 +230,14 @@ def split_stages(cap: Captured, stage_of, decision, ranks: list[RankSpec], block
         g.lint()
         graphs.append(g)
         st = decision.stages[s]
-        stage_ranks = sorted((r for r in ranks if r.stage == s), key=lambda r: r.replica)
+        stage_ranks = sorted((r for r in ranks if r.stage == s), key=lambda r: (r.replica, r.tp_rank))
         stages.append(StageSpec(index=s, first_block=st.first_block, last_block=st.last_block,
                                 block_names=tuple(block_names[st.first_block:st.last_block + 1]),
                                 ranks=tuple(r.rank for r in stage_ranks),
                                 shares=tuple(r.sample_hi - r.sample_lo for r in stage_ranks),
                                 inputs=tuple(inputs), outputs=tuple(n.name for n in outs),
-                                recompute=st.recompute))
+                                recompute=st.recompute, tp=getattr(st, "tp", 1),
+                                tp_parts=tuple(getattr(st, "tp_parts", ()))))
     value_specs = []
     for n, consumers in values.items():
         val = n.meta["val"]
@@ -249,25 +263,79 @@ def split_stages(cap: Captured, stage_of, decision, ranks: list[RankSpec], block
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Gradient groups
+# 5. Tensor-parallel stages
 
 
-def grad_groups(stages: list[StageSpec]) -> list[GradGroup]:
-    """Group parameters by the set of ranks that hold them; each group sums its gradients."""
-    holders: dict[str, set[int]] = {}
+def split_operators(cap: Captured, graphs: list[torch.fx.Graph], stages: list[StageSpec], block_names: list[str]):
+    """Each member of a tensor-parallel stage gets its own graph: its shards, local sizes, collectives.
+
+    Only parameters that one op of one stage reads are split (a weight tied across
+    stages stays whole). Returns the graphs of every stage's members and the stages
+    with their parameter shards and the matmuls left whole.
+    """
+    stages_of: dict[str, set[int]] = {}
     for st in stages:
         for inp in st.inputs:
             if inp.kind == "param":
-                holders.setdefault(inp.target, set()).update(st.ranks)
+                stages_of.setdefault(inp.target, set()).add(st.index)
+    member_graphs, out = [], []
+    for st, g in zip(stages, graphs):
+        if st.tp == 1:
+            member_graphs.append([g])
+            out.append(st)
+            continue
+        target = {i.name: i.target for i in st.inputs if i.kind == "param"}
+        users = {n.name: len(n.users) for n in g.nodes if n.op == "placeholder"}
+        shardable = {name for name, t in target.items() if len(stages_of[t]) == 1 and users[name] == 1}
+        parts = st.tp_parts or (1,) * st.tp
+        analysis = partition(g, parts, shardable)
+        member_graphs.append([rank_graph(g, analysis, j) for j in range(st.tp)])
+        node = {n.name: n for n in g.nodes}
+        left = tuple(f"{block_names[node[name].meta['block']]}: {_op_label(node[name])} {name} stays whole: {why}"
+                     for name, why in sorted(analysis.left_whole.items()))
+        shards = tuple(sorted((ParamShard(target[p.placeholder], p.dim, p.ranges) for p in analysis.params.values()),
+                              key=lambda p: p.param))
+        out.append(dataclasses.replace(st, param_shards=shards, left_whole=left))
+    return member_graphs, out
+
+
+def _op_label(n: torch.fx.Node) -> str:
+    return getattr(n.target, "__name__", str(n.target)).split(".")[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Gradient groups
+
+
+def grad_groups(stages: list[StageSpec]) -> list[GradGroup]:
+    """Group parameters by the set of ranks that hold them; each group sums its gradients.
+
+    A split parameter is held by the members at the same TP position of every
+    replica. A whole parameter of a tensor-parallel stage has the same gradient on
+    every member (``tp.enter`` made it whole), so one TP group alone needs no sum,
+    and in a larger group each member adds 1/tp of it (RankContext.all_reduce_grads).
+    """
+    holders: dict[tuple[str, int], set[int]] = {}
+    for st in stages:
+        split = {p.param for p in st.param_shards}
+        for inp in st.inputs:
+            if inp.kind != "param":
+                continue
+            if inp.target in split:
+                for i, r in enumerate(st.ranks):
+                    holders.setdefault((inp.target, i % st.tp), set()).add(r)
+            else:
+                holders.setdefault((inp.target, -1), set()).update(st.ranks)
+    one_tp_group = {frozenset(st.ranks) for st in stages if st.tp > 1 and len(st.ranks) == st.tp}
     by_ranks: dict[tuple[int, ...], list[str]] = {}
-    for param, rs in holders.items():
-        if len(rs) > 1:
+    for (param, member), rs in holders.items():
+        if len(rs) > 1 and not (member == -1 and frozenset(rs) in one_tp_group):
             by_ranks.setdefault(tuple(sorted(rs)), []).append(param)
     return [GradGroup(ranks, tuple(params)) for ranks, params in sorted(by_ranks.items())]
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Emission
+# 7. Emission
 
 
 @dataclass(frozen=True)
@@ -280,52 +348,90 @@ class Transfer:
     hi: int
 
 
-def transfers(plan: Plan, rank: RankSpec) -> tuple[list[Transfer], list[Transfer]]:
-    """What ``rank`` receives (inputs) and sends (outputs) for each micro-batch's forward.
+@dataclass
+class Messages:
+    """What one rank receives and sends for each micro-batch: values forward, their gradients backward."""
+
+    recv: list[Transfer]  # inputs, before forward
+    send: list[Transfer]  # outputs, after forward
+    recv_grad: list[Transfer]  # gradients of outputs, before backward
+    send_grad: list[Transfer]  # gradients of inputs, after backward
+
+
+def transfers(plan: Plan, rank: RankSpec) -> Messages:
+    """The messages of ``rank`` for each micro-batch.
 
     A batched value moves the overlap of the producer's and consumer's sample
     ranges; a value without the batch goes whole, from producer replica
-    ``j % num_producer_replicas`` to consumer replica ``j``. Backward mirrors
-    forward: gradients go back along the same messages.
+    ``j % num_producer_replicas`` to consumer replica ``j``. Every member of a
+    tensor-parallel group holds stage inputs and outputs whole, so consumer member
+    j receives from producer member ``j % producer tp``, and the gradient goes
+    back to producer member i from consumer member ``i % consumer tp``: each
+    piece once. Without TP, backward mirrors forward.
     """
     by_rank = {r.rank: r for r in plan.ranks}
-    recvs, sends = [], []
+    msgs = Messages([], [], [], [])
     for v in plan.values:
-        producers = [by_rank[r] for r in plan.stages[v.producer].ranks]
+        prod = plan.stages[v.producer]
         if rank.stage in v.consumers:
-            for p in producers:
-                lo, hi = _overlap(v, p, rank, producers)
+            cons = plan.stages[rank.stage]
+            for p in (by_rank[r] for r in prod.ranks):
+                lo, hi = _overlap(v, p, rank, prod)
                 if lo < hi:
-                    recvs.append(Transfer(v.name, p.rank, lo, hi))
+                    if p.tp_rank == rank.tp_rank % prod.tp:
+                        msgs.recv.append(Transfer(v.name, p.rank, lo, hi))
+                    if v.requires_grad and rank.tp_rank == p.tp_rank % cons.tp:
+                        msgs.send_grad.append(Transfer(v.name, p.rank, lo, hi))
         if rank.stage == v.producer:
             for c_stage in v.consumers:
-                for c in (by_rank[r] for r in plan.stages[c_stage].ranks):
-                    lo, hi = _overlap(v, rank, c, producers)
+                cons = plan.stages[c_stage]
+                for c in (by_rank[r] for r in cons.ranks):
+                    lo, hi = _overlap(v, rank, c, prod)
                     if lo < hi:
-                        sends.append(Transfer(v.name, c.rank, lo, hi))
-    return recvs, sends
+                        if rank.tp_rank == c.tp_rank % prod.tp:
+                            msgs.send.append(Transfer(v.name, c.rank, lo, hi))
+                        if v.requires_grad and c.tp_rank == rank.tp_rank % cons.tp:
+                            msgs.recv_grad.append(Transfer(v.name, c.rank, lo, hi))
+    return msgs
 
 
-def _overlap(v: ValueSpec, producer: RankSpec, consumer: RankSpec, producers: list[RankSpec]) -> tuple[int, int]:
+def _overlap(v: ValueSpec, producer: RankSpec, consumer: RankSpec, prod: StageSpec) -> tuple[int, int]:
     if v.batch_coef == 0:
-        source = producers[consumer.replica % len(producers)]
-        return (0, 1) if source.rank == producer.rank else (0, 0)
+        replicas = len(prod.ranks) // prod.tp
+        return (0, 1) if producer.replica == consumer.replica % replicas else (0, 0)
     return max(producer.sample_lo, consumer.sample_lo), min(producer.sample_hi, consumer.sample_hi)
 
 
-def emit_stage(plan: Plan, st: StageSpec, graph: torch.fx.Graph) -> str:
+def stage_module(st: StageSpec, member: int) -> str:
+    """The module name of a stage's program (one per member of a tensor-parallel stage)."""
+    return f"stage_{st.index}" if st.tp == 1 else f"stage_{st.index}_tp{member}"
+
+
+def emit_stage(plan: Plan, st: StageSpec, graph: torch.fx.Graph, member: int = 0) -> str:
     code = graph.python_code(root_module="self")
     body = code.src.replace("def forward(self, ", "def forward(").replace("device(type='cpu')", "DEVICE")
-    unknown = set(code.globals) - {"torch", "device", "inf", "nan", "fx_pytree", "pytree", "NoneType"}
+    collectives = {name for name, obj in code.globals.items() if obj in tp.FUNCTIONS}
+    for name in collectives:  # the runtime's collectives read as tp.enter(...), tp.all_reduce(...)
+        body = re.sub(rf"\b{name}\(", f"tp.{code.globals[name].__name__}(", body)
+    unknown = set(code.globals) - {"torch", "device", "inf", "nan", "fx_pytree", "pytree", "NoneType"} - collectives
     if unknown:
         raise UserError(f"Stage {st.index} needs Python globals hetcompile cannot emit: {sorted(unknown)}.")
     blocks = "\n".join(f"#   {b}" for b in st.block_names)
     inputs = "\n".join(f"#   {i.name:<40} {i.kind}{'  ' + i.target if i.target else ''}"
                        f"{'  batch[%d]' % i.input_index if i.kind == 'input' else ''}" for i in st.inputs)
+    tp_doc, tp_import = "", ""
+    if st.tp > 1:
+        parts = st.tp_parts or (1,) * st.tp
+        tp_doc = (f"\n\nTensor parallel: member {member} of {st.tp} (shares {':'.join(map(str, parts))}), holding its\n"
+                  f"slices of {len(st.param_shards)} parameters; tp.enter and tp.all_reduce are the group's\n"
+                  "collectives (hetcompile/runtime/tp.py).")
+        tp_import = "from hetcompile.runtime import tp  # noqa: F401  (tensor-parallel collectives)\n"
+        if st.left_whole:
+            blocks += "\n# Left whole (replicated on every member):\n" + "\n".join(f"#   {w}" for w in st.left_whole)
     return f'''"""Stage {st.index} of plan {plan.fingerprint}: blocks {st.first_block}..{st.last_block}.
 
 Generated by hetcompile from the captured graph of {plan.model_file}; the
-forward of these blocks, as ATen calls. Autograd gives the backward.
+forward of these blocks, as ATen calls. Autograd gives the backward.{tp_doc}
 """
 # Blocks:
 {blocks}
@@ -335,35 +441,32 @@ forward of these blocks, as ATen calls. Autograd gives the backward.
 
 import torch
 from torch import device, inf, nan  # noqa: F401  (used by generated code)
-
+{tp_import}
 DEVICE = torch.device("cpu")  # set by the runtime to this rank's device
 {body}'''
 
 
 def emit_rank(plan: Plan, rank: RankSpec, actions) -> str:
     st = plan.stages[rank.stage]
-    recvs, sends = transfers(plan, rank)
-    value = {v.name: v for v in plan.values}
+    msgs = transfers(plan, rank)
     is_last = rank.stage == len(plan.stages) - 1
     lines = []
     for a in actions:
         mb = a.microbatch
         if a.kind == "F":
             lines.append(f"    # {a}: forward of micro-batch {mb}")
-            for t in recvs:
+            for t in msgs.recv:
                 lines.append(f"    ctx.recv({t.value!r}, mb={mb}, src={t.peer}, samples=({t.lo}, {t.hi}))")
             lines.append(f"    ctx.forward(mb={mb})")
-            for t in sends:
+            for t in msgs.send:
                 lines.append(f"    ctx.send({t.value!r}, mb={mb}, dst={t.peer}, samples=({t.lo}, {t.hi}))")
         else:
             lines.append(f"    # {a}: backward of micro-batch {mb}")
-            for t in sends:
-                if value[t.value].requires_grad:
-                    lines.append(f"    ctx.recv_grad({t.value!r}, mb={mb}, src={t.peer}, samples=({t.lo}, {t.hi}))")
+            for t in msgs.recv_grad:
+                lines.append(f"    ctx.recv_grad({t.value!r}, mb={mb}, src={t.peer}, samples=({t.lo}, {t.hi}))")
             lines.append(f"    ctx.backward(mb={mb})")
-            for t in recvs:
-                if value[t.value].requires_grad:
-                    lines.append(f"    ctx.send_grad({t.value!r}, mb={mb}, dst={t.peer}, samples=({t.lo}, {t.hi}))")
+            for t in msgs.send_grad:
+                lines.append(f"    ctx.send_grad({t.value!r}, mb={mb}, dst={t.peer}, samples=({t.lo}, {t.hi}))")
     groups = [g for g in plan.grad_groups if rank.rank in g.ranks]
     lines.append("    # Gradients: sum over the ranks that hold the same parameters (data parallel, tied weights)")
     for g in groups:
@@ -372,11 +475,18 @@ def emit_rank(plan: Plan, rank: RankSpec, actions) -> str:
     lines.append("    return ctx.end_step()  # the global loss: sum over ranks of each piece's weighted loss")
     step_body = "\n".join(lines)
     share = rank.sample_hi - rank.sample_lo
+    replicas = len(st.ranks) // st.tp
+    tensor_parallel = ""
+    if st.tp > 1:
+        parts = st.tp_parts or (1,) * st.tp
+        tensor_parallel = (f"\nTensor:   member {rank.tp_rank} of a {st.tp}-way tensor-parallel group (ranks "
+                           f"{', '.join(map(str, st.ranks[rank.replica * st.tp:(rank.replica + 1) * st.tp]))}), "
+                           f"shares {':'.join(map(str, parts))}")
     return f'''"""hetcompile plan {plan.fingerprint}: rank {rank.rank} of {plan.world_size}.
 
 Device:   {rank.device_type} (cluster device {rank.device_index}, node {rank.node})
 Stage:    {rank.stage} of {len(plan.stages)}, blocks {st.first_block}..{st.last_block} ({st.block_names[0]} .. {st.block_names[-1]})
-Data:     replica {rank.replica} of {len(st.ranks)}: samples {rank.sample_lo}:{rank.sample_hi} ({share} of {plan.microbatch_size}) of every micro-batch{"; computes the loss" if is_last else ""}
+Data:     replica {rank.replica} of {replicas}: samples {rank.sample_lo}:{rank.sample_hi} ({share} of {plan.microbatch_size}) of every micro-batch{"; computes the loss" if is_last else ""}{tensor_parallel}
 Schedule: {plan.schedule}, {plan.num_microbatches} micro-batches of {plan.microbatch_size} samples (global batch {plan.global_batch})
 
 Run every rank with `hetcompile run DIR`, or with torchrun (see launch.sh).
@@ -386,7 +496,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import stage_{rank.stage} as stage  # noqa: E402
+import {stage_module(st, rank.tp_rank)} as stage  # noqa: E402
 from hetcompile.runtime import RankContext  # noqa: E402
 
 RANK = {rank.rank}

@@ -31,6 +31,15 @@ class StageInput:
 
 
 @dataclass(frozen=True)
+class ParamShard:
+    """A parameter split for tensor parallelism: TP rank r holds the indices ``ranges[r]`` of ``dim``."""
+
+    param: str  # state-dict name
+    dim: int
+    ranges: tuple[tuple[tuple[int, int], ...], ...]  # per TP rank: half-open intervals
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """A pipeline stage: a contiguous run of blocks, run data-parallel by ``ranks``."""
 
@@ -43,6 +52,10 @@ class StageSpec:
     inputs: tuple[StageInput, ...]
     outputs: tuple[str, ...]  # values sent to later stages, and the loss on the last stage
     recompute: bool = False  # keep only the stage's inputs in forward; rerun it in backward
+    tp: int = 1  # tensor-parallel degree: ranks[i*tp:(i+1)*tp] are the TP group of replica i
+    tp_parts: tuple[int, ...] = ()  # relative shard sizes of a TP group's members; () = even
+    param_shards: tuple[ParamShard, ...] = ()  # how each split parameter is cut (passes/partition_ops.py)
+    left_whole: tuple[str, ...] = ()  # matmuls TP could not split, and why (they run replicated)
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,7 @@ class RankSpec:
     replica: int
     sample_lo: int  # samples [sample_lo, sample_hi) of each micro-batch
     sample_hi: int
+    tp_rank: int = 0  # position in the stage's tensor-parallel group
 
 
 @dataclass(frozen=True)
@@ -125,6 +139,11 @@ class Plan:
         d = dict(d)
         d["stages"] = tuple(StageSpec(**{**s, "block_names": tuple(s["block_names"]), "ranks": tuple(s["ranks"]),
                                          "shares": tuple(s["shares"]), "outputs": tuple(s["outputs"]),
+                                         "tp_parts": tuple(s.get("tp_parts", ())),
+                                         "param_shards": tuple(ParamShard(p["param"], p["dim"], tuple(
+                                             tuple(tuple(iv) for iv in r) for r in p["ranges"]))
+                                                               for p in s.get("param_shards", ())),
+                                         "left_whole": tuple(s.get("left_whole", ())),
                                          "inputs": tuple(StageInput(**i) for i in s["inputs"])})
                             for s in d["stages"])
         d["ranks"] = tuple(RankSpec(**r) for r in d["ranks"])

@@ -143,6 +143,8 @@ class StageDecision:
     devices: tuple[int, ...]  # Cluster device indices, data parallel inside the stage
     shares: tuple[int, ...]  # samples of each micro-batch each device handles (>= 1, sum = micro-batch size)
     recompute: bool = False  # rebuild activations in backward (keeps one micro-batch's activations)
+    tp: int = 1  # tensor-parallel degree: devices[i*tp:(i+1)*tp] are replica i's TP group (equal shares)
+    tp_parts: tuple[int, ...] = ()  # relative shard sizes of a TP group's members, e.g. (3, 1); () = even
 
 
 @dataclass(frozen=True)

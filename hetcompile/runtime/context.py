@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from hetcompile.plan import load
-from hetcompile.runtime import checkpoint
+from hetcompile.runtime import checkpoint, tp
 
 # Seconds a rank waits on a peer before giving up (a dead rank must not hang the job). A dead
 # peer's closed sockets fail a wait at once; this bounds the wait on a peer that hangs. Launches
@@ -59,6 +59,11 @@ class RankContext:
                                 timeout=datetime.timedelta(seconds=timeout))
         # Every rank creates every group, in plan order, as torch.distributed requires.
         self.groups = {g.ranks: dist.new_group(list(g.ranks)) for g in self.plan.grad_groups}
+        for st in self.plan.stages:  # tensor-parallel groups: the members of each replica
+            for i in range(0, len(st.ranks) if st.tp > 1 else 0, st.tp):
+                group = dist.new_group(list(st.ranks[i:i + st.tp]))
+                if self.rank in st.ranks[i:i + st.tp]:
+                    tp.GROUP = group
         self.model_file = _load_model_file(self.dir)
         self._load_state()
         self.values = {v.name: v for v in self.plan.values}
@@ -96,10 +101,14 @@ class RankContext:
         constants = torch.load(self.dir / "constants.pt", weights_only=True) if (self.dir / "constants.pt").exists() else {}
         self.params: dict[str, torch.Tensor] = {}
         self.fixed: dict[str, torch.Tensor] = {}
+        shards = {p.param: p for p in self.stage_spec.param_shards}
         for inp in self.stage_spec.inputs:
             if inp.kind == "param" and inp.target not in self.params:
                 p = model.get_parameter(inp.target)
-                self.params[inp.target] = p.detach().to(self.device).requires_grad_(p.requires_grad)
+                value = p.detach()
+                if inp.target in shards:  # tensor parallel: this member's slice
+                    value = tp.local_param(value, shards[inp.target].dim, shards[inp.target].ranges[self.spec.tp_rank])
+                self.params[inp.target] = value.to(self.device).requires_grad_(p.requires_grad)
             elif inp.kind == "buffer":
                 self.fixed[inp.name] = model.get_buffer(inp.target).detach().to(self.device)
             elif inp.kind == "constant":
@@ -221,7 +230,7 @@ class RankContext:
         else:
             outs = dict(zip(self.stage_spec.outputs, self.stage.forward(*args)))
         self.saved[mb] = (leaves, outs)
-        if self.is_last:
+        if self.is_last and self.spec.tp_rank == 0:  # the members of a TP group hold the same loss
             self.loss_sum += outs[self.plan.loss].detach().double() * (self.num_samples / self.plan.global_batch)
 
     def backward(self, *, mb: int) -> None:
@@ -263,6 +272,10 @@ class RankContext:
         group = next(g for g in self.plan.grad_groups if g.ranks == tuple(ranks))
         params = [self.params[name] for name in group.params]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self.stage_spec.tp > 1:
+            # A whole parameter has the same gradient on every member of the TP group: each adds 1/tp.
+            split = {p.param for p in self.stage_spec.param_shards}
+            grads = [g if name in split else g / self.stage_spec.tp for name, g in zip(group.params, grads)]
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=self.groups[group.ranks])
         for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
