@@ -1,13 +1,16 @@
 """Predicted against measured step time, for pinned plans run for real on gloo ranks on this CPU.
 
-    .venv/bin/python benchmarks/predictor_accuracy.py [--steps 14] [--warmup 4] [--profile FILE]
+    .venv/bin/python benchmarks/predictor_accuracy.py [--steps 14] [--warmup 4] [--profile FILE] [--no-blocks]
 
 1. Profile this CPU as every rank will run it (one torch thread, gloo between
-   two local processes): ``cost_models.profile.measure_profile``, right before
-   each plan, so that the profile sees the same load from other processes as
-   the run (on a shared machine that load changes by minutes); or read
-   ``--profile FILE`` (written by ``hetcompile profile --ranks 2 -o FILE``)
-   and use it for every plan.
+   two local processes) and time the plan's model's own blocks
+   (``cost_models.profile.measure_profile(..., models=(MODEL,))``, as
+   ``hetcompile profile --model MODEL.py`` does), right before each plan, so
+   that the profile sees the same load from other processes as the run (on a
+   shared machine that load changes by minutes); or read ``--profile FILE``
+   (written by ``hetcompile profile --ranks 2 [--model M.py ...] -o FILE``)
+   and use it for every plan. ``--no-blocks`` leaves the blocks out: the
+   kernel-level cost model.
 2. For each plan below (models, stage counts, data-parallel shares, schedules,
    micro-batch counts), compile it with its decision pinned for a cluster of
    CPU devices on one node whose ``CPU`` type names the profile, and read the
@@ -15,7 +18,9 @@
 3. Run it with ``hetcompile.launch.run`` (torchrun, one process per rank,
    OMP_NUM_THREADS=1) and take the median of the per-step times rank 0 prints
    after ``--warmup`` steps.
-4. Print each pair and the mean absolute percentage error (target: <= 10%).
+4. Print each pair, the machine's 1-minute load average before and after the run
+   (other processes slow the ranks down; the blocks are profiled by CPU time), and
+   the mean absolute percentage error (target: <= 10%).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -91,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=14, help="training steps per plan (default 14)")
     parser.add_argument("--warmup", type=int, default=4, help="steps left out of the median (default 4)")
     parser.add_argument("--profile", default=None, help="use this profile file instead of measuring one")
+    parser.add_argument("--no-blocks", action="store_true",
+                        help="leave the model's own blocks out of the profile (the kernel-level cost model)")
     parser.add_argument("--only", default=None, help="run only plans whose label contains this text")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -105,13 +113,14 @@ def main(argv=None) -> int:
         spec_path = Path(tmp) / "cluster.json"
         spec_path.write_text(json.dumps({"nodes": [{"device": "CPU", "count": 3}],
                                          "devices": {"CPU": {"profile": "cpu_profile.json"}}}))
-        print(f"\n{'plan':<44} {'ranks':>5} {'predicted ms':>13} {'measured ms':>12} {'error':>7}  profile")
+        print(f"\n{'plan':<44} {'ranks':>5} {'predicted ms':>13} {'measured ms':>12} {'error':>7}  load      profile")
         for label, model, schedule, num_microbatches, stages in PLANS:
             if args.only and args.only not in label:
                 continue
             _, costs = analyze(EXAMPLES / model)
             decision = pinned_decision(stages, num_microbatches, costs.num_blocks, costs.global_batch)
-            profile = fixed or measure_profile("cpu", num_ranks=2, num_threads=1, quick=True)
+            profile = fixed or measure_profile("cpu", num_ranks=2, num_threads=1, quick=True,
+                                               models=() if args.no_blocks else (EXAMPLES / model,))
             profiles.append(profile)
             save_profile(profile, Path(tmp) / "cpu_profile.json")
             plan = hetcompile.compile(str(EXAMPLES / model), str(spec_path), schedule=schedule,
@@ -119,13 +128,16 @@ def main(argv=None) -> int:
             plan_dir = plan.save(Path(tmp) / label.replace(" ", "_").replace(":", "").replace(",", ""))
             predicted_s = plan.predicted["step_time_s"]
             start = time.perf_counter()
+            load_before = os.getloadavg()[0]
             measured_s, kept = measure_step_s(plan_dir, args.steps, args.warmup)
+            # Other processes on the machine slow the ranks' wall time; the block profile is CPU time.
+            load = (load_before, os.getloadavg()[0])
             err = (predicted_s - measured_s) / measured_s
             rows.append({"plan": label, "ranks": plan.world_size, "predicted_s": predicted_s,
                          "measured_s": measured_s, "measured_steps_s": kept, "error": err,
-                         "run_wall_s": time.perf_counter() - start})
+                         "run_wall_s": time.perf_counter() - start, "load_1min": load})
             print(f"{label:<44} {plan.world_size:>5} {predicted_s * 1e3:>13.2f} {measured_s * 1e3:>12.2f} "
-                  f"{err * 100:>+6.1f}%  {_brief(profile)}", flush=True)
+                  f"{err * 100:>+6.1f}%  {load[0]:4.1f}-{load[1]:<4.1f} {_brief(profile)}", flush=True)
     mape = statistics.mean(abs(r["error"]) for r in rows) if rows else float("nan")
     print(f"\nMAPE over {len(rows)} plans: {mape * 100:.1f}% (target <= 10%)")
     if args.json:

@@ -66,3 +66,17 @@ def stage_memory_bytes(
     static = int(math.ceil(STATIC_BYTES_PER_PARAM_BYTE * param_bytes))
     per_sample = in_flight * in_bytes_per_sample + act_bytes_per_sample if recompute else in_flight * act_bytes_per_sample
     return static + share * per_sample
+
+
+def tp_share(fraction: float, part: int, total: int) -> float:
+    """What a tensor-parallel member with ``part`` of ``total`` keeps of a block's quantity (params,
+    FLOPs, activations) when ``fraction`` of it is split: the rest stays whole on every member.
+
+    >>> tp_share(0.9, 1, 2)
+    0.55
+    >>> tp_share(0.9, 3, 4)
+    0.775
+    """
+    if total <= 1:
+        return 1.0
+    return (1.0 - fraction) + fraction * part / total

@@ -19,6 +19,10 @@ What is measured, and the model each number feeds (all timed with
   ``op_fwd_overhead_s``, ``op_bwd_overhead_s``;
 - an Adam step per parameter tensor (the per-tensor loop of torch's CPU
   optimizers): ``optimizer_per_tensor_s``;
+- with ``models``, the model's own blocks (forward, and backward, of each
+  distinct layer at a few samples per call, fitted as ``t = fixed + per_sample
+  * samples``): ``block_times``, keyed by the block's signature
+  (:mod:`hetcompile.block_profile`); the cost model prices those blocks by them;
 - with ``num_ranks >= 2`` local processes (gloo on CPU, NCCL on CUDA):
   ping-pong point-to-point and all-reduce over message sizes, each fitted as
   ``t = latency + bytes / bw`` (all-reduce as ring-equivalent link numbers,
@@ -78,6 +82,28 @@ class CommProfile:
 
 
 @dataclass(frozen=True)
+class BlockTime:
+    """Measured time of one call of a model's block on this device (:mod:`hetcompile.block_profile`).
+
+    Keyed by the block's signature (a hash of its ops, shapes and dtypes), so identical
+    layers, of this model or another, share one measurement. Fitted as
+    ``fixed + per_sample * samples`` over the measured ``samples`` per call.
+    """
+
+    signature: str
+    name: str  # "model.py:transformer.h.0": the block it was measured as, for a reader
+    fwd_fixed_s: float
+    fwd_per_sample_s: float
+    bwd_fixed_s: float
+    bwd_per_sample_s: float
+    samples: tuple[tuple[int, float, float], ...] = ()  # (samples per call, forward s, backward s)
+
+    def call_time_s(self, samples: int) -> tuple[float, float]:
+        """(forward, backward) seconds of one call on ``samples`` samples."""
+        return self.fwd_fixed_s + self.fwd_per_sample_s * samples, self.bwd_fixed_s + self.bwd_per_sample_s * samples
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """Measured numbers of one device type (see the module docstring for each).
 
@@ -103,6 +129,19 @@ class DeviceProfile:
     created: str = ""
     # (dtype, m, n, k, seconds): the cost model interpolates the rate of a call of a given size.
     matmul_samples: tuple[tuple[str, int, int, int, float], ...] = ()
+    # The model's own blocks, measured (`hetcompile profile --model M.py`); the cost model
+    # prices a block it finds here by its measured time instead of the kernel-level model.
+    block_times: tuple[BlockTime, ...] = ()
+    # Measured with the blocks: one stage call (a graph module's forward) and one
+    # autograd.backward call apart from their ops; a rank pays them per micro-batch.
+    stage_call_fwd_s: float = 0.0
+    stage_call_bwd_s: float = 0.0
+
+    def block_time(self, signature: str) -> BlockTime | None:
+        """The measured block of this signature, or None."""
+        if not signature:
+            return None
+        return next((t for t in self.block_times if t.signature == signature), None)
 
     def flops_per_s(self, dtype: str) -> float:
         rates = dict(self.matmul_flops_per_s)
@@ -153,6 +192,12 @@ class DeviceProfile:
             "comm": None,
             "matmul_samples": [{"dtype": d, "m": m, "n": n, "k": k, "time_s": t}
                                for d, m, n, k, t in self.matmul_samples],
+            "stage_call_fwd_s": self.stage_call_fwd_s, "stage_call_bwd_s": self.stage_call_bwd_s,
+            "blocks": [{"signature": b.signature, "name": b.name, "fwd_fixed_s": b.fwd_fixed_s,
+                        "fwd_per_sample_s": b.fwd_per_sample_s, "bwd_fixed_s": b.bwd_fixed_s,
+                        "bwd_per_sample_s": b.bwd_per_sample_s,
+                        "samples": [{"samples": n, "fwd_s": f, "bwd_s": bw} for n, f, bw in b.samples]}
+                       for b in self.block_times],
         }
         if self.comm is not None:
             c = self.comm
@@ -191,7 +236,18 @@ class DeviceProfile:
                 optimizer_per_tensor_s=_non_negative(d["optimizer_per_tensor_s"]), comm=comm,
                 torch_version=str(d.get("torch_version", "")), created=str(d.get("created", "")),
                 matmul_samples=tuple((s["dtype"], int(s["m"]), int(s["n"]), int(s["k"]), float(s["time_s"]))
-                                     for s in d.get("matmul_samples", ())))
+                                     for s in d.get("matmul_samples", ())),
+                stage_call_fwd_s=_non_negative(d.get("stage_call_fwd_s", 0.0)),
+                stage_call_bwd_s=_non_negative(d.get("stage_call_bwd_s", 0.0)),
+                block_times=tuple(
+                    BlockTime(signature=str(b["signature"]), name=str(b.get("name", "")),
+                              fwd_fixed_s=_non_negative(b["fwd_fixed_s"]),
+                              fwd_per_sample_s=_non_negative(b["fwd_per_sample_s"]),
+                              bwd_fixed_s=_non_negative(b["bwd_fixed_s"]),
+                              bwd_per_sample_s=_non_negative(b["bwd_per_sample_s"]),
+                              samples=tuple((int(x["samples"]), float(x["fwd_s"]), float(x["bwd_s"]))
+                                            for x in b.get("samples", ())))
+                    for b in d.get("blocks", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where} is malformed ({type(e).__name__}: {e}). Write a new one with "
                             "`hetcompile profile -o profile.json`.") from None
@@ -469,11 +525,12 @@ def measure_comm(num_ranks: int, device: str = "cpu", repeats: int = 7) -> CommP
 
 
 def measure_profile(device: str = "cpu", *, num_ranks: int = 1, num_threads: int = 1,
-                    dtypes: tuple[str, ...] | None = None, quick: bool = False) -> DeviceProfile:
+                    dtypes: tuple[str, ...] | None = None, quick: bool = False, models=()) -> DeviceProfile:
     """Measure this machine's ``device`` (and, with ``num_ranks >= 2``, its local links).
 
     ``num_threads`` is torch's intra-op thread count during the measurement; on a CPU
     use what each rank will run with (``hetcompile run`` gives every rank one thread).
+    ``models``: model files whose own blocks to time too (:mod:`hetcompile.block_profile`).
 
     >>> p = measure_profile("cpu", quick=True)  # doctest: +SKIP
     >>> p.flops_per_s("fp32") > 0  # doctest: +SKIP
@@ -495,13 +552,25 @@ def measure_profile(device: str = "cpu", *, num_ranks: int = 1, num_threads: int
         optimizer = measure_optimizer(device, min_run_time_s=run_s)
     finally:
         torch.set_num_threads(old_threads)
+    block_times: dict[str, BlockTime] = {}
+    calls: list[tuple[float, float]] = []
+    if models:
+        from hetcompile.block_profile import measure_blocks
+
+        for model in models:
+            times, call = measure_blocks(model, device, num_threads=num_threads,
+                                         min_run_time_s=run_s / 2 if quick else run_s)
+            calls.append(call)
+            for t in times:
+                block_times.setdefault(t.signature, t)
     comm = measure_comm(num_ranks, device, repeats=3 if quick else 7) if num_ranks >= 2 else None
     profile = DeviceProfile(
         device=device, device_name=name, num_threads=num_threads, matmul_flops_per_s=rates,
         mem_bw_bytes_per_s=mem_bw, op_fwd_overhead_s=op_fwd, op_bwd_overhead_s=op_bwd,
         optimizer_per_tensor_s=optimizer, comm=comm, torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        matmul_samples=samples)
+        matmul_samples=samples, block_times=tuple(block_times.values()),
+        stage_call_fwd_s=min((c[0] for c in calls), default=0.0), stage_call_bwd_s=min((c[1] for c in calls), default=0.0))
     logger.info("profile: %s", summary(profile))
     return profile
 
@@ -518,6 +587,12 @@ def summary(profile: DeviceProfile) -> str:
     lines.append(f"per-op       {profile.op_fwd_overhead_s * 1e6:10.2f} us forward, "
                  f"{profile.op_bwd_overhead_s * 1e6:.2f} us backward")
     lines.append(f"optimizer    {profile.optimizer_per_tensor_s * 1e6:10.2f} us per parameter tensor (AdamW)")
+    if profile.block_times:
+        lines.append(f"stage call   {profile.stage_call_fwd_s * 1e6:10.2f} us forward, "
+                     f"{profile.stage_call_bwd_s * 1e6:.2f} us backward (per stage and micro-batch)")
+    for b in profile.block_times:
+        lines.append(f"block        {b.fwd_fixed_s * 1e6:8.1f} + {b.fwd_per_sample_s * 1e6:.1f} us/sample forward, "
+                     f"{b.bwd_fixed_s * 1e6:.1f} + {b.bwd_per_sample_s * 1e6:.1f} us/sample backward: {b.name}")
     if profile.comm is not None:
         c = profile.comm
         lines.append(f"p2p          {c.p2p_latency_s * 1e6:10.2f} us + bytes / {c.p2p_bw_bytes_per_s / 1e9:.2f} GB/s "

@@ -12,6 +12,12 @@ fitted matmul rate) and the memory time (bytes at the fitted copy bandwidth)
 add up rather than overlap, with no derating (the rates are achieved ones),
 plus a fixed cost per ATen call (:func:`block_overhead_s`) that does not shrink
 with the batch and dominates small models on a CPU.
+
+A block whose own forward and backward were timed on the device
+(:mod:`hetcompile.block_profile`, found in the profile by the block's signature)
+is priced by that measurement instead: one call on ``n`` samples costs
+``fixed + per_sample * n``, the per-sample part from :func:`block_time_s` and
+the fixed part from :func:`block_overhead_s`.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ def block_time_s(
     """
     if device.profile is not None:
         p = device.profile
+        measured = p.block_time(block.signature)
+        if measured is not None:  # the block itself was timed on this device: its per-sample slope
+            return measured.fwd_per_sample_s, measured.bwd_per_sample_s
         if samples and block.num_matmul_ops:
             rate = p.matmul_rate(dtype, samples * block.fwd_flops_per_sample / block.num_matmul_ops)
         else:
@@ -81,7 +90,24 @@ def block_overhead_s(block: Block, device: DeviceType) -> tuple[float, float]:
     if device.profile is None:
         return 0.0, 0.0
     p = device.profile
+    measured = p.block_time(block.signature)
+    if measured is not None:  # the block itself was timed: the fixed part of its fitted call time
+        return measured.fwd_fixed_s, measured.bwd_fixed_s
     return block.num_ops * p.op_fwd_overhead_s, block.num_grad_ops * p.op_bwd_overhead_s
+
+
+def stage_call_overhead_s(device: DeviceType) -> tuple[float, float]:
+    """(forward, backward) seconds a rank pays per stage and micro-batch for calling the stage at all:
+    one graph call and one ``autograd.backward``, apart from their ops (measured with the blocks,
+    :mod:`hetcompile.block_profile`). 0 without a profile, or with one that timed no blocks.
+
+    >>> from cost_models.devices import CATALOG
+    >>> stage_call_overhead_s(CATALOG["CPU"])
+    (0.0, 0.0)
+    """
+    if device.profile is None:
+        return 0.0, 0.0
+    return device.profile.stage_call_fwd_s, device.profile.stage_call_bwd_s
 
 
 # An Adam-like step reads the parameter, its gradient and two moments and writes

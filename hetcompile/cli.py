@@ -52,6 +52,12 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=_positive_int, default=None,
                    help="micro-batches per step (default: the planner chooses among divisors of the batch)")
     p.add_argument("--max-stages", type=_positive_int, default=None, help="most pipeline stages the planner may use")
+    p.add_argument("--tp", type=_positive_int, default=None, metavar="N",
+                   help="tensor-parallel degree of every stage (default: the planner chooses per stage)")
+    p.add_argument("--pp", type=_positive_int, default=None, metavar="N",
+                   help="number of pipeline stages (default: the planner chooses)")
+    p.add_argument("--dp", type=_positive_int, default=None, metavar="N",
+                   help="data-parallel replicas of every stage (default: the planner chooses per stage)")
     p.add_argument("--seed", type=int, default=0, help="torch seed before get_model() (default 0)")
     p.add_argument("--time-limit", type=_positive_seconds, default=30.0, help="solver time limit in seconds")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
@@ -188,6 +194,9 @@ def _profile_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads per rank while measuring; `hetcompile run` gives each rank 1 (default 1)")
     p.add_argument("--quick", action="store_true", help="shorter measurements (noisier)")
+    p.add_argument("--model", action="append", default=[], metavar="MODEL.py",
+                   help="also time the forward and backward of this model's own blocks (layers) at a few "
+                        "micro-batch sizes; plans of the model are then priced by these times (repeatable)")
     p.add_argument("-o", "--out", required=True, help="profile file to write (JSON)")
     return p
 
@@ -195,7 +204,8 @@ def _profile_parser() -> argparse.ArgumentParser:
 def _profile(args) -> int:
     from cost_models.profile import measure_profile, save_profile, summary
 
-    profile = measure_profile(args.device, num_ranks=args.ranks, num_threads=args.threads, quick=args.quick)
+    profile = measure_profile(args.device, num_ranks=args.ranks, num_threads=args.threads, quick=args.quick,
+                              models=tuple(args.model))
     save_profile(profile, args.out)
     print(summary(profile))
     print(f"\nwrote {args.out}; use it in a cluster spec: "
@@ -255,7 +265,8 @@ def _compile(args) -> int:
     progress = _TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
     try:
         plan = compile(args.model, args.cluster, schedule=args.schedule, microbatches=args.microbatches,
-                       seed=args.seed, max_stages=args.max_stages, time_limit_s=args.time_limit, progress=progress)
+                       seed=args.seed, max_stages=args.max_stages, time_limit_s=args.time_limit, progress=progress,
+                       tp=args.tp, pp=args.pp, dp=args.dp)
     finally:
         if progress:
             progress.close()

@@ -21,6 +21,7 @@ from hetcompile.errors import UserError
 from hetcompile.lowering import lower
 from hetcompile.modelfile import ModelFile, load_model_file, module_model_file
 from hetcompile.baselines import upper_bound_samples_per_s
+from hetcompile.block_profile import block_signatures
 from hetcompile.planner import SolverReport, solve
 from hetcompile.predict import predict
 from hetcompile.schedule import SCHEDULES
@@ -82,7 +83,8 @@ def _solver_progress(progress, start_s: float):
 
 def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: str = "auto",
             microbatches: int | None = None, seed: int = 0, max_stages: int | None = None,
-            time_limit_s: float = 30.0, progress=None, decision=None):
+            time_limit_s: float = 30.0, progress=None, decision=None, tp: int | None = None,
+            pp: int | None = None, dp: int | None = None):
     """Compile a model for a cluster into a :class:`~hetcompile.plan.Plan`.
 
     ``model`` is the path of a model file (see :mod:`hetcompile.modelfile`), a
@@ -93,7 +95,9 @@ def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: st
     must be importable by the ranks.
     ``cluster`` is a spec path, a parsed spec dict, or a ``Cluster``. A
     ``decision`` (a :class:`~hetcompile.planner.PlanDecision`) pins the whole
-    plan and skips the solver.
+    plan and skips the solver. ``tp``, ``pp`` and ``dp`` pin parts of it: every
+    stage's tensor-parallel degree, the number of pipeline stages, every stage's
+    data-parallel replicas; the planner chooses the rest.
 
     >>> plan = compile("examples/mlp.py", "examples/a100_v100.json", schedule="gpipe")  # doctest: +SKIP
     """
@@ -115,7 +119,7 @@ def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: st
         if decision is None:
             # Incumbent and bound while CP-SAT searches.
             decision, report = solve(costs, clu, num_microbatches=num_microbatches, schedule=schedule,
-                                     max_stages=max_stages, time_limit_s=time_limit_s, seed=seed,
+                                     max_stages=max_stages, time_limit_s=time_limit_s, seed=seed, tp=tp, pp=pp, dp=dp,
                                      on_progress=_solver_progress(progress, time.perf_counter()))
         else:
             report = SolverReport(status="PINNED", gap=0.0, objective_s=0.0, best_bound_s=0.0, wall_s=0.0,
@@ -155,6 +159,9 @@ def analyze(model, *, seed: int = 0, timings: dict | None = None, progress=None)
         annotate_costs(cap)
         mark_replicable(cap)
         costs = annotate_tp(cap, group_blocks(cap))
+        # The key of the block's measured times in a device profile (hetcompile/block_profile.py).
+        costs = dataclasses.replace(costs, blocks=tuple(
+            dataclasses.replace(b, signature=sig) for b, sig in zip(costs.blocks, block_signatures(cap, costs))))
     return cap, costs
 
 

@@ -28,7 +28,7 @@ from cost_models.roofline import COMPUTE_EFFICIENCY, MEMORY_EFFICIENCY, block_ti
 from hetcompile.errors import UserError
 from hetcompile.inspection import layer_ranges
 from hetcompile.predict import link, predict
-from hetcompile.report import format_bytes, format_devices, format_rate, format_time
+from hetcompile.report import format_bytes, format_devices, format_rate, format_time, format_tp
 from hetcompile.timeline import busiest_stage, plan_timeline
 
 __all__ = ["explain", "format_explain"]
@@ -62,7 +62,7 @@ def _bottleneck(plan, timeline, cluster) -> dict:
     busy_s = _busy_s(timeline)[s]
     compute_end_s = max(span.end_s for span in timeline.spans if span.kind in ("F", "B"))
     exposed_allreduce_s = step_s - compute_end_s
-    out = {"stage": s, "devices": format_devices(types), "layers": layer_ranges(st.block_names),
+    out = {"stage": s, "devices": _devices_text(types, st.tp, st.tp_parts), "layers": layer_ranges(st.block_names),
            "busy_s": busy_s, "busy_fraction": busy_s / step_s if step_s else 0.0,
            "compute_per_microbatch_s": compute_mb_s}
 
@@ -116,6 +116,10 @@ def _bottleneck(plan, timeline, cluster) -> dict:
                           "in flight (1f1b), would help"}
     # 4. Compute: the slowest replica, and whether its blocks are FLOP- or bandwidth-bound.
     return {**out, "bound": "compute", "reason": _compute_reason(plan, s, cluster)}
+
+
+def _devices_text(types, tp: int, parts) -> str:
+    return format_devices(types) + (f", {format_tp(tp, parts)}" if tp > 1 else "")
 
 
 def _compute_reason(plan, s: int, cluster) -> str:
@@ -189,6 +193,8 @@ def _same_decision(plan, decision) -> bool:
         [next(r.device_index for r in plan.ranks if r.rank == k) for k in st.ranks], st.shares))))
         for st in plan.stages]
     theirs = [(st.first_block, st.last_block, tuple(sorted(zip(st.devices, st.shares)))) for st in decision.stages]
+    if [(st.tp, tuple(st.tp_parts)) for st in plan.stages] != [(st.tp, st.tp_parts) for st in decision.stages]:
+        return False
     return mine == theirs and decision.num_microbatches == plan.num_microbatches
 
 
@@ -243,7 +249,8 @@ def explain(plan, *, time_limit_s: float = 10.0) -> dict:
     timeline = plan_timeline(plan)
     busy = _busy_s(timeline)
     by_rank = {r.rank: r for r in plan.ranks}
-    stages = [{"stage": st.index, "devices": format_devices([by_rank[r].device_type for r in st.ranks]),
+    stages = [{"stage": st.index, "devices": _devices_text([by_rank[r].device_type for r in st.ranks], st.tp,
+                                                          st.tp_parts),
                "compute_per_microbatch_s": pred["fwd_s"] + pred["bwd_s"],
                "busy_fraction": busy.get(st.index, 0.0) / timeline.step_time_s if timeline.step_time_s else 0.0}
               for st, pred in zip(plan.stages, plan.predicted["stages"])]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from hetcompile.report import format_bytes, format_rate, format_time
+from hetcompile.report import format_bytes, format_rate, format_time, format_tp
 
 __all__ = ["diff_plans", "format_inspect", "inspect_plan", "layer_ranges"]
 
@@ -36,7 +36,8 @@ def inspect_plan(plan) -> dict:
             "first_block": st.first_block,
             "last_block": st.last_block,
             "layers": list(st.block_names),
-            "tp_degree": 1,  # no tensor parallelism yet: every device holds the stage's whole layers
+            "tp_degree": st.tp,  # ranks[i*tp:(i+1)*tp] are one TP group
+            "tp_parts": list(st.tp_parts),  # the group members' shard sizes; [] when even
             "ranks": [{"rank": r, "device_index": by_rank[r].device_index, "device_type": by_rank[r].device_type,
                        "share": share} for r, share in zip(st.ranks, st.shares)],
             # Per micro-batch: the slowest replica's compute, and the stage's outgoing transfers.
@@ -138,7 +139,8 @@ def format_inspect(report: dict) -> str:
         layers = layer_ranges(st["layers"])
         if len(layers) > 34:
             layers = layers[:31] + "..."
-        lines.append(f"  {st['index']:<6}{devices:<24}{st['tp_degree']:>3}  {layers:<36}"
+        tp = format_tp(st["tp_degree"], st.get("tp_parts", [])).removeprefix("TP ") or "1"
+        lines.append(f"  {st['index']:<6}{devices:<24}{tp:>3}  {layers:<36}"
                      f"{format_time(st['compute_s']):>10}{format_time(st['comm_s']):>10}"
                      f"{format_time(st['allreduce_s']):>12}")
         lines.append(f"  {'':<6}samples per micro-batch: {_shares_text(st['ranks'])}")
@@ -251,8 +253,9 @@ def diff_plans(plan_a, plan_b) -> list[str]:
         shares_b = [r["share"] for r in sb["ranks"]]
         if shares_a != shares_b:
             out.append(f"stage {s} samples per micro-batch: {shares_a} -> {shares_b}")
-        if sa["tp_degree"] != sb["tp_degree"]:
-            out.append(f"stage {s} TP degree: {sa['tp_degree']} -> {sb['tp_degree']}")
+        if (sa["tp_degree"], sa["tp_parts"]) != (sb["tp_degree"], sb["tp_parts"]):
+            out.append(f"stage {s} TP: {format_tp(sa['tp_degree'], sa['tp_parts']) or 'none'} -> "
+                       f"{format_tp(sb['tp_degree'], sb['tp_parts']) or 'none'}")
         for key, label in (("compute_s", "compute per micro-batch"), ("comm_s", "send per micro-batch"),
                            ("allreduce_s", "all-reduce")):
             if _changed(sa[key], sb[key]):

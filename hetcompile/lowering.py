@@ -290,17 +290,19 @@ def split_operators(cap: Captured, graphs: list[torch.fx.Graph], stages: list[St
         parts = st.tp_parts or (1,) * st.tp
         analysis = partition(g, parts, shardable)
         member_graphs.append([rank_graph(g, analysis, j) for j in range(st.tp)])
-        node = {n.name: n for n in g.nodes}
-        left = tuple(f"{block_names[node[name].meta['block']]}: {_op_label(node[name])} {name} stays whole: {why}"
-                     for name, why in sorted(analysis.left_whole.items()))
+        left = tuple(f"{_op_label(n, target)}: {analysis.left_whole[n.name]}"
+                     for n in g.nodes if n.name in analysis.left_whole)
         shards = tuple(sorted((ParamShard(target[p.placeholder], p.dim, p.ranges) for p in analysis.params.values()),
                               key=lambda p: p.param))
         out.append(dataclasses.replace(st, param_shards=shards, left_whole=left))
     return member_graphs, out
 
 
-def _op_label(n: torch.fx.Node) -> str:
-    return getattr(n.target, "__name__", str(n.target)).split(".")[0]
+def _op_label(n: torch.fx.Node, target: dict[str, str]) -> str:
+    """A matmul for people: the module of its weight and the op, "model.layers.0.mlp.up_proj (linear)"."""
+    op = getattr(n.target, "__name__", str(n.target)).split(".")[0]
+    weight = next((target[a.name] for a in n.all_input_nodes if a.name in target), None)
+    return f"{weight.removesuffix('.weight')} ({op})" if weight else f"{n.name} ({op})"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The planner: pipeline stages, device groups, batch shares and recompute from CP-SAT (OR-Tools).
+"""The planner: pipeline stages, device groups, batch shares, tensor parallelism and recompute from CP-SAT (OR-Tools).
 
 Plain data in (:class:`~hetcompile.ir.ModelCosts`, :class:`~cost_models.cluster.Cluster`),
 a :class:`PlanDecision` out. Predictions (times) stay in the :class:`SolverReport`.
@@ -19,6 +19,15 @@ cut ``p`` over the inter-node link (their gradients go back the other way at the
 same time on a full-duplex link), ``Wc[p]`` twice the
 parameter bytes over the bandwidth of link class ``c`` (inter-node, or
 intra-node of type ``k``).
+
+Kinds. ``k`` below ranges over *kinds*, not only device types: a kind is a
+device type, or a tensor-parallel group priced as one device of a virtual type
+(NOTE: [TP groups as virtual device types] at :class:`_Kind`): ``d`` devices of
+one type inside a node (d = 2, 4, 8), or, only when nothing else fits, a group
+across nodes (mixed types sharded in their speed ratio, or more devices than a
+node). A kind has one ``Tk``, ``Rk``, ``P``, ``A`` array per distinct member
+(its shard of the compute and parameters), a per-micro-batch ``Fk`` (the
+latency of its TP all-reduces) and uses ``u[k,t]`` devices of type ``t``.
 
 Size. The model for ``S`` stages has O(S x types) variables: a stage is two
 cut positions indexing the prefix arrays (CP-SAT ``element``), and devices are
@@ -51,10 +60,13 @@ Constraints (method that adds them):
 - contiguous stages: ``cut[s] + 1 <= cut[s+1]``                         (:meth:`_StageModel.add_contiguous_stages`)
 - shares cover the micro-batch: ``sum_k n[s,k] q[s,k] >= b``, ``1 <= sum_k n[s,k] <= b``,
   ``n[s,k] >= 1  <=>  q[s,k] >= 1``                                       (:meth:`_StageModel.add_shares`)
-- devices per type: ``sum_s n[s,k] <= N_k`` (idle devices allowed)        (:meth:`_StageModel.add_device_counts`)
-- stage time: ``C[s] >= q[s,k] (Tk[cut[s+1]] - Tk[cut[s]])``, with ``Rk`` for ``Tk``
-  when ``rc[s]``                                                           (:meth:`_StageModel.add_stage_times`)
-- memory, when ``n[s,k] >= 1``: ``(2 + adam) P(s) + q[s,k] f_s A(s) <= mem_k``, or with
+- devices per type: ``sum_s sum_k u[k,t] n[s,k] <= N_t`` (idle devices allowed), and
+  per TP kind the groups its nodes hold                                    (:meth:`_StageModel.add_device_counts`)
+- a TP kind is alone in its stage (``used[s,k] + used[s,j] <= 1``) and only on blocks
+  whose ``tp_units`` reach its degree                                      (:meth:`_StageModel.add_tp_rules`)
+- stage time: ``C[s] >= q[s,k] (Tk[cut[s+1]] - Tk[cut[s]]) + Fk(s)``, with ``Rk`` for ``Tk``
+  when ``rc[s]``, for every member's ``Tk``                               (:meth:`_StageModel.add_stage_times`)
+- memory, when ``n[s,k] >= 1``, for every member: ``(2 + adam) P(s) + q[s,k] f_s A(s) <= mem_k``, or with
   recompute ``(2 + adam) P(s) + q[s,k] (f_s I[cut[s]] + A(s)) <= mem_k``, where
   ``f_s = M`` (GPipe) or ``min(M, S - s)`` (1F1B) micro-batches in flight
   (:func:`cost_models.memory.stage_memory_bytes`)                          (:meth:`_StageModel.add_memory`)
@@ -76,7 +88,9 @@ up to 12, then steps of about 25%); CP-SAT then solves one model per
 its heuristic plan and cut off at the incumbent, until MAX_SOLVED_MODELS models
 or MAX_SOLVED_VARIABLES variables; a pair whose analytic bound
 (:meth:`_Problem.lower_bound_units`) reaches the incumbent is skipped as proven.
-The plan is never worse than the heuristic. The gap is against the smallest
+The plan is never worse than the heuristic. With TP left to the planner, the
+search first runs without TP kinds, then offers them (NOTE: [TP after the plain
+search] in :func:`solve`); ``tp``, ``pp``, ``dp`` pin the shape. The gap is against the smallest
 bound over every pair (CP-SAT's, or the analytic one for pairs not solved);
 "OPTIMAL" means every pair was solved or bounded out and the ladder covered
 every stage count. Deterministic time limits and model budgets, a fixed seed
@@ -101,9 +115,9 @@ from typing import Callable, Sequence
 from ortools.sat.python import cp_model
 
 from cost_models.cluster import Cluster
-from cost_models.comm import allreduce_time_s, p2p_time_s
+from cost_models.comm import allreduce_time_s, p2p_time_s, ring_allreduce_time_s
 from cost_models.devices import DeviceType
-from cost_models.memory import STATIC_BYTES_PER_PARAM_BYTE, stage_memory_bytes
+from cost_models.memory import STATIC_BYTES_PER_PARAM_BYTE, stage_memory_bytes, tp_share
 from cost_models.roofline import block_time_s
 from hetcompile.errors import UserError
 from hetcompile.ir import ModelCosts
@@ -132,6 +146,12 @@ DETERMINISTIC_TIME_PER_MODEL = 0.5
 # models cost ~2,000 variables each and a handful get solved.
 MAX_SOLVED_MODELS = 24
 MAX_SOLVED_VARIABLES = 12_000
+# CP-SAT models that offer TP groups once a plan without TP exists (NOTE: [TP after the plain search]).
+MAX_TP_MODELS = 2
+# ... and only for TP hints within this factor of the incumbent (the others keep their analytic bound),
+# each with this deterministic budget: they start from a TP hint and only need to improve it.
+TP_HINT_SLACK = 1.25
+DETERMINISTIC_TIME_PER_TP_MODEL = 0.25
 # A block with no FLOPs and no bytes would make a device's time zero.
 _MIN_SAMPLE_UNITS = 1
 
@@ -140,11 +160,12 @@ _MIN_SAMPLE_UNITS = 1
 class StageDecision:
     first_block: int  # inclusive
     last_block: int  # inclusive; stages are contiguous and in order
-    devices: tuple[int, ...]  # Cluster device indices, data parallel inside the stage
-    shares: tuple[int, ...]  # samples of each micro-batch each device handles (>= 1, sum = micro-batch size)
+    devices: tuple[int, ...]  # Cluster device indices; devices[i*tp:(i+1)*tp] are the TP group of replica i
+    shares: tuple[int, ...]  # samples of each micro-batch each device handles (>= 1; equal within a TP group;
+    # the groups' shares sum to the micro-batch size)
     recompute: bool = False  # rebuild activations in backward (keeps one micro-batch's activations)
-    tp: int = 1  # tensor-parallel degree: devices[i*tp:(i+1)*tp] are replica i's TP group (equal shares)
-    tp_parts: tuple[int, ...] = ()  # relative shard sizes of a TP group's members, e.g. (3, 1); () = even
+    tp: int = 1  # tensor-parallel degree
+    tp_parts: tuple[int, ...] = ()  # relative shard sizes of a group's members, e.g. (3, 1); () = even
 
 
 @dataclass(frozen=True)
@@ -167,12 +188,12 @@ class SolverReport:
 
 @dataclass(frozen=True)
 class _Stage:
-    """One stage as the model sees it: blocks first..last, per type a device count and a max share."""
+    """One stage as the model sees it: blocks first..last, per kind a group count and a max share."""
 
     first_block: int
     last_block: int
-    counts: tuple[int, ...]  # per type, in Cluster.device_types order
-    shares: tuple[int, ...]  # per type: the most samples of a micro-batch one device takes (0 if unused)
+    counts: tuple[int, ...]  # per kind (_Problem.kinds: device types, then TP groups): devices or groups
+    shares: tuple[int, ...]  # per kind: the most samples of a micro-batch one group takes (0 if unused)
     recompute: bool = False
 
 
@@ -197,6 +218,20 @@ def _prefix(values: Sequence[float], scale: float, ceil: bool = False) -> list[i
     return out
 
 
+def too_narrow(block, need: int) -> bool:
+    """A block that TP splits into fewer than ``need`` units cannot sit in a stage of that degree. A block
+    with nothing to split (no TP FLOPs, parameters or all-reduces: an embedding, say) runs whole on
+    every member of a group, whatever its ``tp_units``.
+
+    >>> from hetcompile.ir import Block
+    >>> too_narrow(Block(0, "pre", 1.0, 1.0, 8, 2, 1.0, 1.0), 2), too_narrow(Block(0, "h.0", 1.0, 1.0, 8, 2, 1.0,
+    ...     1.0, tp_flops_fraction=0.9, tp_units=1), 2)
+    (False, True)
+    """
+    splits = block.tp_flops_fraction > 0 or block.tp_param_fraction > 0 or block.tp_comm_bytes_per_sample > 0
+    return splits and block.tp_units < need
+
+
 def stage_ladder(limit: int) -> list[int]:
     """Stage counts tried: all up to FULL_STAGE_LADDER, then steps of about 25%, and ``limit`` itself.
 
@@ -215,11 +250,62 @@ def stage_ladder(limit: int) -> list[int]:
     return out
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """What the model counts per stage: one device of a type (``tp == 1``), or a tensor-parallel group.
+
+    NOTE: [TP groups as virtual device types]
+    A TP group of ``d`` devices is priced as one device of a virtual type: each member runs
+    ``(1 - f) + f p/P`` of a block's compute (``f`` = ``Block.tp_flops_fraction``, ``p/P`` its
+    shard), holds ``(1 - g) + g p/P`` of its parameters, and the group all-reduces
+    ``tp_comm_bytes_per_sample`` per sample per block over its link, forward and backward. The
+    group is as slow as its slowest member and fits when every member fits. The CP-SAT model then
+    chooses among real and virtual types exactly as it chooses among real ones, so TP adds
+    types, not a new dimension; a stage that uses a TP kind uses that kind alone (every replica
+    of a stage has the same ``tp`` and ``tp_parts``).
+    """
+
+    name: str  # "Fast", "2x Fast", "Fast+Slow 3:1"
+    members: tuple[tuple[int, int], ...]  # (device type index, shard part), in group order
+    cross_node: bool = False  # the group's link is the inter-node one
+
+    @property
+    def tp(self) -> int:
+        return len(self.members)
+
+    @property
+    def parts_total(self) -> int:
+        return sum(p for _, p in self.members)
+
+    @property
+    def parts(self) -> tuple[int, ...]:
+        """StageDecision.tp_parts: () when the shards are even."""
+        parts = tuple(p for _, p in self.members)
+        return () if len(set(parts)) <= 1 else parts
+
+
+@dataclass(frozen=True)
+class _Member:
+    """The integer cost arrays of one distinct (device type, part) of a kind."""
+
+    type_index: int
+    time_prefix: list  # per-sample forward + backward (+ TP all-reduce bytes) units
+    rc_prefix: list
+    param_prefix: list  # bytes of parameters this member holds
+    act_prefix: list  # activation bytes per sample this member saves
+    mem_bytes: int
+
+
 class _Problem:
-    """Validated inputs for one (micro-batch count, schedule) and the integer cost arrays."""
+    """Validated inputs for one (micro-batch count, schedule) and the integer cost arrays.
+
+    ``tp`` pins every stage's TP degree (1: no TP), ``dp`` every stage's replica count;
+    ``cross_node_tp`` admits TP groups that span nodes (mixed types, or more devices than a node).
+    """
 
     def __init__(self, costs: ModelCosts, cluster: Cluster, num_microbatches: int, schedule: str,
-                 allow_recompute: bool = False):
+                 allow_recompute: bool = False, *, tp: int | None = None, dp: int | None = None,
+                 cross_node_tp: bool = False):
         if schedule not in SCHEDULES:
             raise UserError(f"Unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} or 'auto'.")
         if not isinstance(num_microbatches, int) or num_microbatches < 1:
@@ -240,15 +326,16 @@ class _Problem:
         self.allow_recompute = allow_recompute
         self.num_microbatches = num_microbatches
         self.microbatch_size = b = costs.global_batch // num_microbatches
+        self.tp, self.dp, self.cross_node_tp = tp, dp, cross_node_tp
         self.types: tuple[DeviceType, ...] = cluster.device_types
         self.available = tuple(cluster.count_of(t.name) for t in self.types)
         self.node_max = tuple(max(n.count for n in cluster.nodes if n.device == t.name) for t in self.types)
         self.type_index = {t.name: k for k, t in enumerate(self.types)}
         blocks = costs.blocks
         nb = len(blocks)
+        self.per_block = [[block_time_s(block, t, costs.dtype) for block in blocks] for t in self.types]
         self.time_prefix, self.rc_prefix = [], []
-        for t in self.types:
-            per = [block_time_s(block, t, costs.dtype) for block in blocks]
+        for per in self.per_block:
             self.time_prefix.append(_prefix([f + bw for f, bw in per], TIME_UNITS_PER_S))
             self.rc_prefix.append(_prefix([2 * f + bw for f, bw in per], TIME_UNITS_PER_S))
         self.param_prefix = list(itertools.accumulate((blk.param_bytes for blk in blocks), initial=0))
@@ -272,13 +359,151 @@ class _Problem:
                           for bw in self.link_bw]
         self.ring_factor = [0] + [round(_PERMILLE * (n - 1) / n) for n in range(1, b + 1)]
         self._max_share: dict[tuple, int] = {}
+        self._build_kinds()
+
+    # ------------------------------------------------------------ kinds (real and TP device types)
+
+    def _build_kinds(self) -> None:
+        """Real types first (unless ``tp`` pins a degree > 1), then TP groups (NOTE: [TP groups as virtual
+        device types]): ``d`` devices of one type inside a node for d in 2, 4, 8 (up to the node and the
+        blocks' ``tp_units``); with ``cross_node_tp`` also groups larger than a node and, per pair of
+        types, one fast + one slow device with shards in their speed ratio."""
+        nt, blocks = len(self.types), self.costs.blocks
+        max_units = max(blk.tp_units for blk in blocks)
+        kinds: list[_Kind] = []
+        if self.tp in (None, 1):
+            kinds += [_Kind(t.name, ((k, 1),)) for k, t in enumerate(self.types)]
+        if self.tp != 1:
+            degrees = [d for d in (2, 4, 8) if d <= max_units] if self.tp is None else [self.tp]
+            for k, t in enumerate(self.types):
+                for d in degrees:
+                    within = d <= self.node_max[k]
+                    if d <= self.available[k] and (within or self.cross_node_tp):
+                        kinds.append(_Kind(f"{d}x {t.name}", ((k, 1),) * d, cross_node=not within))
+            if self.cross_node_tp and 2 in degrees and nt > 1:
+                speed = [1.0 / max(self.time_prefix[k][-1], 1) for k in range(nt)]
+                for a, c in itertools.combinations(sorted(range(nt), key=lambda k: (-speed[k], k)), 2):
+                    part = min(7, max(1, round(speed[a] / speed[c])))
+                    if part + 1 <= max_units:
+                        kinds.append(_Kind(f"{self.types[a].name}+{self.types[c].name} {part}:1",
+                                           ((a, part), (c, 1)), cross_node=True))
+        self.kinds = tuple(kinds)
+        self.real_kind = {kind.members[0][0]: v for v, kind in enumerate(kinds) if kind.tp == 1}
+        self.kind_uses = [tuple(sum(1 for m, _ in kind.members if m == k) for k in range(nt)) for kind in kinds]
+        self.kind_limit = []  # the most groups of the kind the cluster holds
+        for kind, uses in zip(kinds, self.kind_uses):
+            limit = min(self.available[k] // u for k, u in enumerate(uses) if u)
+            if kind.tp > 1 and not kind.cross_node:
+                k = kind.members[0][0]
+                limit = sum(n.count // kind.tp for n in self.cluster.nodes if n.device == self.types[k].name)
+            self.kind_limit.append(limit)
+        self.kind_top = [min(limit, self.microbatch_size) for limit in self.kind_limit]
+        # Blocks a kind cannot split: a prefix count per needed number of units.
+        self.kind_need = [max(kind.tp, kind.parts_total) if kind.tp > 1 else 1 for kind in kinds]
+        self.bad_prefix = {need: list(itertools.accumulate((int(too_narrow(blk, need)) for blk in blocks), initial=0))
+                           for need in sorted(set(self.kind_need))}
+        self.members: list[list[_Member]] = []
+        self.fixed_prefix, self.fixed_rc_prefix = [], []
+        self.kind_ar: list[dict[int, list[int]]] = []
+        for kind in kinds:
+            if kind.tp == 1:
+                k = kind.members[0][0]
+                self.members.append([_Member(k, self.time_prefix[k], self.rc_prefix[k], self.param_prefix,
+                                             self.act_prefix, self.types[k].mem_bytes)])
+                self.fixed_prefix.append(None)
+                self.fixed_rc_prefix.append(None)
+                self.kind_ar.append(dict(enumerate(self.ar_prefix)))
+                continue
+            self._add_tp_kind(kind)
+        self.whole_units = [self.kind_units(v, 0, len(blocks) - 1) for v in range(len(kinds))]
+
+    def _add_tp_kind(self, kind: _Kind) -> None:
+        blocks, n, total = self.costs.blocks, kind.tp, kind.parts_total
+        k0 = kind.members[0][0]
+        c = 0 if kind.cross_node or any(k != k0 for k, _ in kind.members) else 1 + k0
+        bw, lat_units = self.link_bw[c], self.link_lat_units[c]
+        # Ring all-reduce over the group, per sample (bytes) and per call (latency, whatever the share).
+        comm = [ring_allreduce_time_s(blk.tp_comm_bytes_per_sample, n, bw, 0.0) for blk in blocks]
+        calls = [int(blk.tp_comm_bytes_per_sample > 0) for blk in blocks]
+        per_call = 2 * (n - 1) * lat_units
+        self.fixed_prefix.append(list(itertools.accumulate((2 * per_call * x for x in calls), initial=0)))
+        self.fixed_rc_prefix.append(list(itertools.accumulate((3 * per_call * x for x in calls), initial=0)))
+        members = []
+        for k, part in sorted(set(kind.members)):
+            per = self.per_block[k]
+            flop = [tp_share(blk.tp_flops_fraction, part, total) for blk in blocks]
+            members.append(_Member(
+                k,
+                _prefix([(f + bw_) * x + 2 * t for (f, bw_), x, t in zip(per, flop, comm)], TIME_UNITS_PER_S),
+                _prefix([(2 * f + bw_) * x + 3 * t for (f, bw_), x, t in zip(per, flop, comm)], TIME_UNITS_PER_S),
+                _prefix([blk.param_bytes * tp_share(blk.tp_param_fraction, part, total) for blk in blocks], 1.0,
+                        ceil=True),
+                _prefix([blk.act_bytes_per_sample * x for blk, x in zip(blocks, flop)], 1.0, ceil=True),
+                self.types[k].mem_bytes))
+        self.members.append(members)
+        # Each replica's member i all-reduces its own shard's gradients: the largest shard sets the pace.
+        largest = max(members, key=lambda m: m.param_prefix[-1]).param_prefix
+        steps = [largest[p + 1] - largest[p] for p in range(len(blocks))]
+        self.kind_ar.append({cls: _prefix([2 * x / self.link_bw[cls] for x in steps], TIME_UNITS_PER_S)
+                             for cls in sorted({0, c})})
+
+    @property
+    def num_kinds(self) -> int:
+        return len(self.kinds)
+
+    @property
+    def has_tp_kinds(self) -> bool:
+        return any(kind.tp > 1 for kind in self.kinds)
+
+    def tp_ok(self, v: int, first: int, last: int) -> bool:
+        """Every block of the interval splits into the kind's units (tp_units >= its need)."""
+        bad = self.bad_prefix[self.kind_need[v]]
+        return bad[last + 1] == bad[first]
+
+    def kind_units(self, v: int, first: int, last: int, recompute: bool = False) -> int:
+        """Per-sample time of the kind on blocks first..last: its slowest member's."""
+        members = self.members[v]
+        if len(members) == 1:  # a device type, or an even TP group of one type
+            prefix = members[0].rc_prefix if recompute else members[0].time_prefix
+            return max(prefix[last + 1] - prefix[first], _MIN_SAMPLE_UNITS)
+        return max(max((m.rc_prefix if recompute else m.time_prefix)[last + 1]
+                       - (m.rc_prefix if recompute else m.time_prefix)[first] for m in self.members[v]),
+                   _MIN_SAMPLE_UNITS)
+
+    def kind_fixed(self, v: int, first: int, last: int, recompute: bool = False) -> int:
+        """Per-micro-batch time whatever the share: the TP all-reduces' latency."""
+        prefix = self.fixed_rc_prefix[v] if recompute else self.fixed_prefix[v]
+        return 0 if prefix is None else prefix[last + 1] - prefix[first]
+
+    def kind_mem_weight(self, v: int) -> float:
+        """Memory a kind brings to a stage, for memory-proportional heuristic splits."""
+        kind = self.kinds[v]
+        return min(self.types[k].mem_bytes * kind.parts_total / part for k, part in kind.members)
+
+    def kind_fits(self, v: int, num_stages: int, s: int, first: int, last: int, share: int, recompute: bool) -> bool:
+        f, in_bytes = self.in_flight(num_stages, s), self.in_bytes[first]
+        for m in self.members[v]:
+            mem = stage_memory_bytes(m.param_prefix[last + 1] - m.param_prefix[first],
+                                     m.act_prefix[last + 1] - m.act_prefix[first], in_bytes, share, f, recompute)
+            if mem > m.mem_bytes:
+                return False
+        return True
+
+    def kind_of_group(self, types: Sequence[str], parts: Sequence[int]) -> int | None:
+        members = tuple((self.type_index[t], p) for t, p in zip(types, parts or (1,) * len(types)))
+        for v, kind in enumerate(self.kinds):
+            if kind.members == members:
+                return v
+        return None
+
+    # ------------------------------------------------------------ costs
 
     @property
     def num_blocks(self) -> int:
         return self.costs.num_blocks
 
     def max_stages(self, max_stages: int | None) -> int:
-        limit = min(self.num_blocks, self.cluster.num_devices)
+        limit = min(self.num_blocks, self.cluster.num_devices // ((self.tp or 1) * (self.dp or 1)))
         if max_stages is not None:
             if not isinstance(max_stages, int) or max_stages < 1:
                 raise UserError(f"max_stages is {max_stages!r}; it must be a positive integer or None.")
@@ -302,60 +527,78 @@ class _Problem:
         return stage_memory_bytes(self.param_bytes(first, last), self.act_prefix[last + 1] - self.act_prefix[first],
                                   self.in_bytes[first], share, self.in_flight(num_stages, s), recompute)
 
-    def max_share(self, k: int, num_stages: int, s: int, first: int, last: int, recompute: bool) -> int:
-        """The most samples per micro-batch a type-k device holds in memory there (0 if not even one)."""
-        key = (k, self.in_flight(num_stages, s), first, last, recompute)
+    def max_share(self, v: int, num_stages: int, s: int, first: int, last: int, recompute: bool) -> int:
+        """The most samples per micro-batch a kind-v group holds in memory there (0 if not even one)."""
+        key = (v, self.in_flight(num_stages, s), first, last, recompute)
         if key not in self._max_share:
-            self._max_share[key] = self._max_share_search(k, num_stages, s, first, last, recompute)
+            self._max_share[key] = self._max_share_search(v, num_stages, s, first, last, recompute)
         return self._max_share[key]
 
-    def _max_share_search(self, k, num_stages, s, first, last, recompute) -> int:
+    def _max_share_search(self, v, num_stages, s, first, last, recompute) -> int:
         lo, hi = 0, self.microbatch_size
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.memory_bytes(num_stages, s, first, last, mid, recompute) <= self.types[k].mem_bytes:
+            if self.kind_fits(v, num_stages, s, first, last, mid, recompute):
                 lo = mid
             else:
                 hi = mid - 1
         return lo
 
     def link_class(self, counts: Sequence[int]) -> int:
-        used = [k for k, c in enumerate(counts) if c]
-        if len(used) == 1 and counts[used[0]] <= self.node_max[used[0]]:
-            return 1 + used[0]
+        used = [v for v, c in enumerate(counts) if c]
+        if len(used) == 1:
+            kind = self.kinds[used[0]]
+            k = kind.members[0][0]
+            if (not kind.cross_node and all(m == k for m, _ in kind.members)
+                    and counts[used[0]] * kind.tp <= self.node_max[k]):
+                return 1 + k
         return 0
 
     def allreduce_units(self, first: int, last: int, counts: Sequence[int]) -> int:
+        """The stage's gradient all-reduce over its replicas (for TP, each member's shard over its peers)."""
         n = sum(counts)
         c = self.link_class(counts)
-        volume = self.ar_prefix[c][last + 1] - self.ar_prefix[c][first]
+        used = [v for v, x in enumerate(counts) if x]
+        prefix = self.kind_ar[used[0]][c] if len(used) == 1 else self.ar_prefix[c]
+        volume = prefix[last + 1] - prefix[first]
         return _ceil_div(self.ring_factor[n] * volume, _PERMILLE) + 2 * (n - 1) * self.link_lat_units[c]
 
     def stage_cost(self, num_stages: int, s: int, st: _Stage) -> tuple[int, int] | None:
-        """(C, AR) of one stage in time units (compute per micro-batch, all-reduce), or None when it is not a valid stage (shares, memory).
+        """(C, AR) of one stage in time units (compute per micro-batch, all-reduce), or None when it is
+        not a valid stage (shares, memory, a TP kind beside another kind or on blocks it cannot split).
 
         The one cost function: the CP-SAT model encodes exactly these formulas.
         """
         b, n = self.microbatch_size, sum(st.counts)
         if not 1 <= n <= b or sum(c * q for c, q in zip(st.counts, st.shares)) < b:
             return None
+        if self.dp is not None and n != self.dp:
+            return None
+        used = [v for v, c in enumerate(st.counts) if c]
+        if len(used) > 1 and any(self.kinds[v].tp > 1 for v in used):
+            return None
         compute = 0
-        for k, (c, q) in enumerate(zip(st.counts, st.shares)):
+        for v, (c, q) in enumerate(zip(st.counts, st.shares)):
             if (c > 0) != (q > 0):
                 return None
             if c == 0:
                 continue
-            mem = self.memory_bytes(num_stages, s, st.first_block, st.last_block, q, st.recompute)
-            if mem > self.types[k].mem_bytes:
+            if c > self.kind_top[v] or not self.tp_ok(v, st.first_block, st.last_block):
                 return None
-            compute = max(compute, q * self.sample_units(k, st.first_block, st.last_block, st.recompute))
+            if not self.kind_fits(v, num_stages, s, st.first_block, st.last_block, q, st.recompute):
+                return None
+            compute = max(compute, q * self.kind_units(v, st.first_block, st.last_block, st.recompute)
+                          + self.kind_fixed(v, st.first_block, st.last_block, st.recompute))
         return compute, self.allreduce_units(st.first_block, st.last_block, st.counts)
 
     def objective_units(self, stages: Sequence[_Stage]) -> int | None:
         """sum C + 2 sum_cuts send + (M - 1) max(max C, max send) + max AR, or None when a stage
         is invalid or devices run out."""
         for k, available in enumerate(self.available):
-            if sum(st.counts[k] for st in stages) > available:
+            if sum(st.counts[v] * uses[k] for st in stages for v, uses in enumerate(self.kind_uses)) > available:
+                return None
+        for v, limit in enumerate(self.kind_limit):
+            if sum(st.counts[v] for st in stages) > limit:
                 return None
         costs = [self.stage_cost(len(stages), s, st) for s, st in enumerate(stages)]
         if any(c is None for c in costs):
@@ -414,35 +657,48 @@ class _Problem:
 
 def _best_shares(problem: _Problem, num_stages: int, s: int, first: int, last: int, counts: Sequence[int],
                  recompute: bool) -> _Stage | None:
-    """Integer shares minimising the stage's compute time for these device counts (None if infeasible).
+    """Integer shares minimising the stage's compute time for these group counts per kind (None if infeasible).
 
-    The bottleneck z is the least value at which the devices' capacities
-    ``sum_k n_k min(qmax_k, floor(z / t_k))`` cover the micro-batch; types that
-    take no sample at z are dropped, and devices beyond b are trimmed slowest first.
+    The bottleneck z is the least value at which the groups' capacities
+    ``sum_v n_v min(qmax_v, floor((z - fixed_v) / t_v))`` cover the micro-batch; kinds that
+    take no sample at z are dropped, and groups beyond b are trimmed slowest first.
     """
-    b, nt = problem.microbatch_size, len(problem.types)
+    b, nv = problem.microbatch_size, problem.num_kinds
     counts = list(counts)
-    times = [problem.sample_units(k, first, last, recompute) for k in range(nt)]
-    caps = [problem.max_share(k, num_stages, s, first, last, recompute) if counts[k] else 0 for k in range(nt)]
+    used = [v for v, c in enumerate(counts) if c]
+    if len(used) == 1 and problem.kinds[used[0]].tp > 1 and not problem.tp_ok(used[0], first, last):
+        # Blocks the group cannot split (an embedding, say): its devices run them without TP.
+        kind = problem.kinds[used[0]]
+        k = kind.members[0][0]
+        if k in problem.real_kind and all(m == k for m, _ in kind.members):
+            num_devices = kind.tp * counts[used[0]]
+            counts = [0] * nv
+            counts[problem.real_kind[k]] = min(num_devices, problem.kind_top[problem.real_kind[k]])
+    times = [problem.kind_units(v, first, last, recompute) if counts[v] else 1 for v in range(nv)]
+    fixed = [problem.kind_fixed(v, first, last, recompute) if counts[v] else 0 for v in range(nv)]
+    caps = [problem.max_share(v, num_stages, s, first, last, recompute)
+            if counts[v] and problem.tp_ok(v, first, last) else 0 for v in range(nv)]
     counts = [c if cap > 0 else 0 for c, cap in zip(counts, caps)]
-    for k in sorted(range(nt), key=lambda k: (-times[k], k)):  # at most b devices: drop the slowest
+    for v in sorted(range(nv), key=lambda v: (-times[v], v)):  # at most b groups: drop the slowest
         excess = sum(counts) - b
         if excess > 0:
-            counts[k] -= min(excess, counts[k])
+            counts[v] -= min(excess, counts[v])
     if sum(c * cap for c, cap in zip(counts, caps)) < b:
         return None
 
-    def capacity(z: int) -> int:
-        return sum(c * min(cap, z // t) for c, cap, t in zip(counts, caps, times))
+    active = [(c, cap, t, x) for c, cap, t, x in zip(counts, caps, times, fixed) if c]
 
-    lo, hi = 0, max(cap * t for c, cap, t in zip(counts, caps, times) if c)
+    def capacity(z: int) -> int:
+        return sum(c * min(cap, max(0, z - x) // t) for c, cap, t, x in active)
+
+    lo, hi = 0, max(cap * t + x for c, cap, t, x in active)
     while lo < hi:
         mid = (lo + hi) // 2
         if capacity(mid) >= b:
             hi = mid
         else:
             lo = mid + 1
-    shares = [min(cap, lo // t) if c else 0 for c, cap, t in zip(counts, caps, times)]
+    shares = [min(cap, max(0, lo - x) // t) if c else 0 for c, cap, t, x in zip(counts, caps, times, fixed)]
     counts = [c if q > 0 else 0 for c, q in zip(counts, shares)]
     return _Stage(first, last, tuple(counts), tuple(shares), recompute)
 
@@ -472,12 +728,12 @@ def _build(problem: _Problem, counts_per_stage: Sequence[Sequence[int]], recompu
     """Blocks split in proportion to each stage's device speed (then rebalanced twice on the
     resulting stage times), or, when memory rules that out, to its smallest device memory."""
     nb = problem.num_blocks
-    speeds = [sum(c / problem.sample_units(k, 0, nb - 1) for k, c in enumerate(counts)) for counts in counts_per_stage]
+    speeds = [sum(c / problem.whole_units[v] for v, c in enumerate(counts) if c) for counts in counts_per_stage]
     if min(speeds) <= 0:
         return None
     best = _build_from(problem, counts_per_stage, recompute, speeds, rounds=3)
     if best is None:
-        memories = [min(problem.types[k].mem_bytes for k, c in enumerate(counts) if c) for counts in counts_per_stage]
+        memories = [min(problem.kind_mem_weight(v) for v, c in enumerate(counts) if c) for counts in counts_per_stage]
         best = _build_from(problem, counts_per_stage, recompute, memories, rounds=1)
     return best
 
@@ -513,45 +769,69 @@ def _build_from(problem, counts_per_stage, recompute, weights, rounds: int) -> _
 def _spread(total: int, parts: int) -> list[int]:
     return [total // parts + (s < total % parts) for s in range(parts)]
 
-
-def _heuristic(problem: _Problem, num_stages: int, recompute: bool) -> _Choice | None:
+def _heuristic(problem: _Problem, num_stages: int, recompute: bool, layouts_of: str = "all") -> _Choice | None:
     """The best of a few constructive plans for S stages (hint for CP-SAT, screening, and the floor).
 
     - mixed: every stage gets ~1/S of every type's devices;
     - type-pure: each type gets stages in proportion to its total speed;
     - one type alone, each type in turn (so the fastest-type-only plan is always a candidate);
-    - the even split a homogeneous trainer would run (:func:`_even_layout`).
+    - the even split a homogeneous trainer would run (:func:`_even_layout`);
+    - with TP kinds: each TP kind alone, and type-pure with TP groups of each degree
+      (a stage whose blocks a group cannot split falls back to its devices without TP);
+    - with ``dp`` pinned: every stage gets ``dp`` groups, fastest kinds first.
+
+    ``layouts_of``: "plain" (no TP kinds), "tp" (only layouts with TP groups) or "all".
     """
-    nt, b = len(problem.types), problem.microbatch_size
+    nv, b = problem.num_kinds, problem.microbatch_size
+    real = problem.real_kind
+    plain, tp_layouts = layouts_of in ("plain", "all"), layouts_of in ("tp", "all")
     layouts: list[list[list[int]]] = []
-    per_type = [_spread(n, num_stages) for n in problem.available]
-    layouts.append([[per_type[k][s] for k in range(nt)] for s in range(num_stages)])
-    for k in range(nt):
-        only = [[0] * nt for _ in range(num_stages)]
-        for s, c in enumerate(_spread(problem.available[k], num_stages)):
-            only[s][k] = c
+    if plain and len(real) == len(problem.types):
+        per_type = [_spread(n, num_stages) for n in problem.available]
+        mixed = [[0] * nv for _ in range(num_stages)]
+        for k, v in real.items():
+            for s in range(num_stages):
+                mixed[s][v] = per_type[k][s]
+        layouts.append(mixed)
+    # TP groups alone: those of the type fastest per device (the fastest-type-only plan, with TP).
+    fastest = min(range(len(problem.types)), key=lambda k: (problem.time_prefix[k][-1], k))
+    for v in range(nv):
+        if not (plain if problem.kinds[v].tp == 1 else tp_layouts and problem.kinds[v].members[0][0] == fastest):
+            continue
+        only = [[0] * nv for _ in range(num_stages)]
+        for s, c in enumerate(_spread(problem.kind_limit[v], num_stages)):
+            only[s][v] = c
         layouts.append(only)
-    if nt > 1 and num_stages >= nt:
-        nb = problem.num_blocks
-        speed = [n / problem.sample_units(k, 0, nb - 1) for k, n in enumerate(problem.available)]
-        # Stages per type in proportion to speed (largest remainder, >= 1 each); big-memory types first,
-        # since early 1F1B stages hold the most micro-batches.
-        quota = [num_stages * v / sum(speed) for v in speed]
-        alloc = [max(1, math.floor(x)) for x in quota]
-        while sum(alloc) > num_stages:
-            alloc[max(range(nt), key=lambda k: (alloc[k] - quota[k], k))] -= 1
-        while sum(alloc) < num_stages:
-            alloc[max(range(nt), key=lambda k: (quota[k] - alloc[k], -k))] += 1
-        if min(alloc) >= 1 and all(problem.available[k] >= alloc[k] for k in range(nt)):
-            order = sorted(range(nt), key=lambda k: (-problem.types[k].mem_bytes, k))
-            pure = []
-            for k in order:
-                for c in _spread(problem.available[k], alloc[k]):
-                    row = [0] * nt
-                    row[k] = c
-                    pure.append(row)
+    degrees = sorted({kind.tp for kind in problem.kinds})
+    for d in degrees:
+        if not (plain if d == 1 else tp_layouts):
+            continue
+        kind_of_type = {}
+        for v, kind in enumerate(problem.kinds):
+            k = kind.members[0][0]
+            if kind.tp == d and not kind.cross_node and all(m == k for m, _ in kind.members):
+                kind_of_type[k] = v
+        for k, v in real.items():
+            kind_of_type.setdefault(k, v)
+        pure = _pure_layout(problem, num_stages, kind_of_type)
+        if pure is not None:
             layouts.append(pure)
-    best = _even_layout(problem, num_stages, recompute)
+    if problem.dp is not None:
+        speed_order = sorted(range(nv), key=lambda v: (problem.whole_units[v], v))
+        for group in ([v] for v in speed_order) if problem.has_tp_kinds else [speed_order]:
+            left = list(problem.kind_limit)
+            layout = []
+            for _ in range(num_stages):
+                row, need = [0] * nv, problem.dp
+                for v in group:
+                    take = min(need, left[v])
+                    row[v], left[v], need = take, left[v] - take, need - take
+                if need:
+                    break
+                layout.append(row)
+            if len(layout) == num_stages:
+                layouts.append(layout)
+    best = _even_layout(problem, num_stages, recompute) if plain else None
     for layout in layouts:
         if any(sum(row) == 0 for row in layout):
             continue
@@ -562,19 +842,48 @@ def _heuristic(problem: _Problem, num_stages: int, recompute: bool) -> _Choice |
     return best
 
 
+def _pure_layout(problem: _Problem, num_stages: int, kind_of_type: dict[int, int]) -> list[list[int]] | None:
+    """Stages per type in proportion to speed (largest remainder, >= 1 each), each stage one type's
+    kind; big-memory types first, since early 1F1B stages hold the most micro-batches."""
+    nv, nb = problem.num_kinds, problem.num_blocks
+    types = sorted(kind_of_type)
+    nt = len(types)
+    if nt < 2 or num_stages < nt:
+        return None
+    limit = [problem.kind_limit[kind_of_type[k]] for k in types]
+    speed = [n / problem.whole_units[kind_of_type[k]] for k, n in zip(types, limit)]
+    if sum(speed) <= 0:
+        return None
+    quota = [num_stages * x / sum(speed) for x in speed]
+    alloc = [max(1, math.floor(x)) for x in quota]
+    while sum(alloc) > num_stages:
+        alloc[max(range(nt), key=lambda i: (alloc[i] - quota[i], i))] -= 1
+    while sum(alloc) < num_stages:
+        alloc[max(range(nt), key=lambda i: (quota[i] - alloc[i], -i))] += 1
+    if min(alloc) < 1 or any(limit[i] < alloc[i] for i in range(nt)):
+        return None
+    pure = []
+    for i in sorted(range(nt), key=lambda i: (-problem.types[types[i]].mem_bytes, types[i])):
+        for c in _spread(limit[i], alloc[i]):
+            row = [0] * nv
+            row[kind_of_type[types[i]]] = c
+            pure.append(row)
+    return pure
+
+
 def _even_layout(problem: _Problem, num_stages: int, recompute: bool) -> _Choice | None:
     """What a homogeneous trainer would run (equal blocks per stage, consecutive devices per stage),
     with the best shares for those devices: so the plan is never worse than the even-split baseline."""
     nb, b = problem.num_blocks, problem.microbatch_size
     devices = problem.cluster.devices
     per_stage = len(devices) // num_stages
-    if per_stage == 0:
+    if per_stage == 0 or len(problem.real_kind) < len(problem.types):
         return None
     stages = []
     for s in range(num_stages):
-        counts = [0] * len(problem.types)
+        counts = [0] * problem.num_kinds
         for d in devices[s * per_stage:(s + 1) * per_stage][:b]:
-            counts[problem.type_index[d.type]] += 1
+            counts[problem.real_kind[problem.type_index[d.type]]] += 1
         first, last = s * nb // num_stages, (s + 1) * nb // num_stages - 1
         st = _best_shares(problem, num_stages, s, first, last, counts, recompute)
         if st is None:
@@ -588,25 +897,30 @@ def _even_layout(problem: _Problem, num_stages: int, recompute: bool) -> _Choice
 
 
 class _StageModel:
-    """The CP-SAT model for a fixed number of stages (see the module docstring)."""
+    """The CP-SAT model for a fixed number of stages (see the module docstring).
 
-    def __init__(self, problem: _Problem, num_stages: int):
+    ``kinds``: the kinds offered (default all); the others take no devices.
+    """
+
+    def __init__(self, problem: _Problem, num_stages: int, kinds: Sequence[int] | None = None):
         self.problem = p = problem
         self.num_stages = S = num_stages
+        self.kv = list(range(p.num_kinds)) if kinds is None else sorted(kinds)
         self.model = cp_model.CpModel()
-        nb, nt, b = p.num_blocks, len(p.types), p.microbatch_size
+        nb, b = p.num_blocks, p.microbatch_size
         self._elements: dict[tuple[str, int], cp_model.IntVar | int] = {}
         self.cut = [0] + [self.model.new_int_var(s, nb - S + s, f"cut_{s}") for s in range(1, S)] + [nb]
         self.n, self.q, self.used = {}, {}, {}
         for s in range(S):
-            for k in range(nt):
-                top = min(p.available[k], b)
-                self.n[s, k] = self.model.new_int_var(0, top, f"n_s{s}_k{k}")
-                self.q[s, k] = self.model.new_int_var(0, b, f"q_s{s}_k{k}")
-                self.used[s, k] = self.model.new_bool_var(f"used_s{s}_k{k}")
+            for v in self.kv:
+                self.n[s, v] = self.model.new_int_var(0, p.kind_top[v], f"n_s{s}_k{v}")
+                self.q[s, v] = self.model.new_int_var(0, b, f"q_s{s}_k{v}")
+                self.used[s, v] = self.model.new_bool_var(f"used_s{s}_k{v}")
+        self.tp_kinds = [v for v in self.kv if p.kinds[v].tp > 1]
         self.rc = {s: (self.model.new_bool_var(f"rc_s{s}") if p.allow_recompute else None) for s in range(S)}
-        max_time = max(b * max(max(pre[-1], rc[-1], _MIN_SAMPLE_UNITS) for pre, rc in zip(p.time_prefix, p.rc_prefix)),
-                       max(p.send))
+        max_time = max(b * max(max(m.time_prefix[-1], m.rc_prefix[-1], _MIN_SAMPLE_UNITS)
+                               for v in self.kv for m in p.members[v])
+                       + max((p.fixed_rc_prefix[v][-1] for v in self.tp_kinds), default=0), max(p.send))
         self.C = [self.model.new_int_var(0, max_time, f"C_s{s}") for s in range(S)]
         self.send = [self._at("X", p.send, s) for s in range(1, S)]
         max_ar = max(pre[-1] for pre in p.ar_prefix) + 2 * b * max(p.link_lat_units)
@@ -616,6 +930,7 @@ class _StageModel:
         self.add_contiguous_stages()
         self.add_shares()
         self.add_device_counts()
+        self.add_tp_rules()
         self.add_stage_times()
         self.add_memory()
         self.add_allreduce()
@@ -643,88 +958,157 @@ class _StageModel:
             self.model.add(self.cut[s] + 1 <= self.cut[s + 1])
 
     def add_shares(self) -> None:
-        """sum_k n[s,k] q[s,k] >= b, 1 <= sum_k n[s,k] <= b, and n[s,k] >= 1 <=> q[s,k] >= 1 <=> used[s,k]."""
-        b, nt = self.problem.microbatch_size, len(self.problem.types)
+        """sum_v n[s,v] q[s,v] >= b, 1 <= sum_v n[s,v] <= b (== dp when pinned), and
+        n[s,v] >= 1 <=> q[s,v] >= 1 <=> used[s,v]."""
+        b = self.problem.microbatch_size
         self.nq = {}
         for s in range(self.num_stages):
-            for k in range(nt):
-                n, q, used = self.n[s, k], self.q[s, k], self.used[s, k]
+            for v in self.kv:
+                n, q, used = self.n[s, v], self.q[s, v], self.used[s, v]
                 self.model.add(n >= 1).only_enforce_if(used)
                 self.model.add(q >= 1).only_enforce_if(used)
                 self.model.add(n == 0).only_enforce_if(~used)
                 self.model.add(q == 0).only_enforce_if(~used)
-                self.nq[s, k] = self.model.new_int_var(0, b * min(self.problem.available[k], b), f"nq_s{s}_k{k}")
-                self.model.add_multiplication_equality(self.nq[s, k], [n, q])
-            self.model.add(sum(self.nq[s, k] for k in range(nt)) >= b)
-            self.model.add(sum(self.n[s, k] for k in range(nt)) >= 1)
-            self.model.add(sum(self.n[s, k] for k in range(nt)) <= b)
+                self.nq[s, v] = self.model.new_int_var(0, b * self.problem.kind_top[v], f"nq_s{s}_k{v}")
+                self.model.add_multiplication_equality(self.nq[s, v], [n, q])
+            self.model.add(sum(self.nq[s, v] for v in self.kv) >= b)
+            self.model.add(sum(self.n[s, v] for v in self.kv) >= 1)
+            self.model.add(sum(self.n[s, v] for v in self.kv) <= b)
+            if self.problem.dp is not None:
+                self.model.add(sum(self.n[s, v] for v in self.kv) == self.problem.dp)
 
     def add_device_counts(self) -> None:
-        """sum_s n[s,k] <= N_k for every device type k (devices may stay idle)."""
-        for k, available in enumerate(self.problem.available):
-            self.model.add(sum(self.n[s, k] for s in range(self.num_stages)) <= available)
+        """sum_s sum_v uses[v,k] n[s,v] <= N_k for every device type k (devices may stay idle), and
+        sum_s n[s,v] <= groups of kind v the nodes hold."""
+        p = self.problem
+        for k, available in enumerate(p.available):
+            terms = [p.kind_uses[v][k] * self.n[s, v] for s in range(self.num_stages) for v in self.kv
+                     if p.kind_uses[v][k]]
+            if terms:
+                self.model.add(sum(terms) <= available)
+        for v in self.tp_kinds:
+            self.model.add(sum(self.n[s, v] for s in range(self.num_stages)) <= p.kind_limit[v])
+
+    def add_tp_rules(self) -> None:
+        """A stage with a TP kind uses that kind alone: used[s,v] + used[s,u] <= 1 (v TP, u != v); and
+        only on blocks it can split: used[s,v] => bad_v(s) == 0 (blocks with tp_units below its need)."""
+        p = self.problem
+        for s in range(self.num_stages):
+            for v in self.tp_kinds:
+                for u in self.kv:
+                    if u != v and (p.kinds[u].tp == 1 or u > v):
+                        self.model.add_bool_or([~self.used[s, v], ~self.used[s, u]])
+                bad = p.bad_prefix[p.kind_need[v]]
+                if bad[-1]:
+                    self.model.add(self._interval(f"bad{p.kind_need[v]}", bad, s) == 0).only_enforce_if(
+                        self.used[s, v])
 
     def add_stage_times(self) -> None:
-        """C[s] >= q[s,k] t[s,k], t from Tk, or Rk when rc[s]."""
+        """C[s] >= q[s,v] t[s,v] + fixed[s,v]; t >= every member's per-sample time (Tk, or Rk when
+        rc[s]); fixed: the TP all-reduces' latency per micro-batch."""
         p, b = self.problem, self.problem.microbatch_size
         for s in range(self.num_stages):
-            for k in range(len(p.types)):
+            for v in self.kv:
                 # A model whose costs round to zero time units still needs a non-empty domain.
-                hi = max(p.time_prefix[k][-1], p.rc_prefix[k][-1], _MIN_SAMPLE_UNITS)
-                t = self.model.new_int_var(_MIN_SAMPLE_UNITS, hi, f"t_s{s}_k{k}")
-                plain = self._interval(f"T{k}", p.time_prefix[k], s)
+                hi = max(max(m.time_prefix[-1], m.rc_prefix[-1], _MIN_SAMPLE_UNITS) for m in p.members[v])
+                t = self.model.new_int_var(_MIN_SAMPLE_UNITS, hi, f"t_s{s}_k{v}")
                 rc = self.rc[s]
+                for i, m in enumerate(p.members[v]):
+                    plain = self._interval(f"T{v}.{i}", m.time_prefix, s)
+                    if rc is None:
+                        self.model.add(t >= plain)
+                    else:
+                        self.model.add(t >= plain).only_enforce_if(~rc)
+                        self.model.add(t >= self._interval(f"R{v}.{i}", m.rc_prefix, s)).only_enforce_if(rc)
+                compute = self.model.new_int_var(0, b * hi, f"compute_s{s}_k{v}")
+                self.model.add_multiplication_equality(compute, [self.q[s, v], t])
+                if p.fixed_prefix[v] is None:
+                    self.model.add(self.C[s] >= compute)
+                    continue
+                fixed = self.model.new_int_var(0, p.fixed_rc_prefix[v][-1], f"fixed_s{s}_k{v}")
                 if rc is None:
-                    self.model.add(t >= plain)
+                    self.model.add(fixed >= self._interval(f"F{v}", p.fixed_prefix[v], s))
                 else:
-                    self.model.add(t >= plain).only_enforce_if(~rc)
-                    self.model.add(t >= self._interval(f"R{k}", p.rc_prefix[k], s)).only_enforce_if(rc)
-                compute = self.model.new_int_var(0, b * hi, f"compute_s{s}_k{k}")
-                self.model.add_multiplication_equality(compute, [self.q[s, k], t])
-                self.model.add(self.C[s] >= compute)
+                    self.model.add(fixed >= self._interval(f"F{v}", p.fixed_prefix[v], s)).only_enforce_if(~rc)
+                    self.model.add(fixed >= self._interval(f"FR{v}", p.fixed_rc_prefix[v], s)).only_enforce_if(rc)
+                self.model.add(self.C[s] >= compute + fixed).only_enforce_if(self.used[s, v])
 
     def add_memory(self) -> None:
-        """When used[s,k]: (2 + adam) P(s) + q[s,k] a[s] <= mem_k, with a[s] = f_s A(s), or
-        f_s I[cut[s]] + A(s) when rc[s] (cost_models.memory.stage_memory_bytes)."""
+        """When used[s,v], for each member m: (2 + adam) P_m(s) + q[s,v] a_m[s] <= mem_m, with
+        a_m[s] = f_s A_m(s), or f_s I[cut[s]] + A_m(s) when rc[s] (cost_models.memory.stage_memory_bytes)."""
         p, b = self.problem, self.problem.microbatch_size
         for s in range(self.num_stages):
             f = p.in_flight(self.num_stages, s)
-            acts = self._interval("A", p.act_prefix, s)
-            hi = f * (p.act_prefix[-1] + max(p.in_bytes))
-            per_sample = self.model.new_int_var(0, hi, f"act_per_sample_s{s}")
             rc = self.rc[s]
-            if rc is None:
-                self.model.add(per_sample == f * acts)
-            else:
-                self.model.add(per_sample == f * acts).only_enforce_if(~rc)
-                self.model.add(per_sample == f * self._at("I", p.in_bytes, s) + acts).only_enforce_if(rc)
-            params = self._interval("P", p.param_prefix, s)
-            for k, t in enumerate(p.types):
-                act_mem = self.model.new_int_var(0, b * hi, f"act_mem_s{s}_k{k}")
-                self.model.add_multiplication_equality(act_mem, [self.q[s, k], per_sample])
-                static = int(STATIC_BYTES_PER_PARAM_BYTE) * params
-                self.model.add(static + act_mem <= t.mem_bytes).only_enforce_if(self.used[s, k])
+            per_sample_of: dict[int, object] = {}
+
+            def per_sample(key, act_prefix):
+                if id(act_prefix) in per_sample_of:
+                    return per_sample_of[id(act_prefix)]
+                acts = self._interval(f"A{key}", act_prefix, s)
+                hi = f * (act_prefix[-1] + max(p.in_bytes))
+                var = self.model.new_int_var(0, hi, f"act_per_sample_s{s}{key}")
+                if rc is None:
+                    self.model.add(var == f * acts)
+                else:
+                    self.model.add(var == f * acts).only_enforce_if(~rc)
+                    self.model.add(var == f * self._at("I", p.in_bytes, s) + acts).only_enforce_if(rc)
+                per_sample_of[id(act_prefix)] = (var, hi)
+                return var, hi
+
+            # The real types' arrays first, shared by every real type (the model's variable order
+            # does not change with TP kinds around).
+            if any(m.act_prefix is p.act_prefix for v in self.kv for m in p.members[v]):
+                per_sample("", p.act_prefix)
+                self._interval("P", p.param_prefix, s)
+            for v in self.kv:
+                for i, m in enumerate(p.members[v]):
+                    key = "" if m.act_prefix is p.act_prefix else f"_k{v}.{i}"
+                    var, hi = per_sample(key, m.act_prefix)
+                    act_mem = self.model.new_int_var(0, b * hi, f"act_mem_s{s}_k{v}.{i}")
+                    self.model.add_multiplication_equality(act_mem, [self.q[s, v], var])
+                    params = self._interval("P" if m.param_prefix is p.param_prefix else f"P{v}.{i}",
+                                            m.param_prefix, s)
+                    static = int(STATIC_BYTES_PER_PARAM_BYTE) * params
+                    self.model.add(static + act_mem <= m.mem_bytes).only_enforce_if(self.used[s, v])
 
     def add_allreduce(self) -> None:
-        """cls[s, 1+k] only if the stage is type k alone within one node; then
-        AR[s] >= ceil(F(n_s) Wc(s) / 1000) + 2 (n_s - 1) lat_c for the chosen class c."""
+        """cls[s, 1+k] only if the stage is type k alone within one node (TP groups of type k inside
+        nodes included: n tp <= L_k); then AR[s] >= ceil(F(n_s) Wc(s) / 1000) + 2 (n_s - 1) lat_c for
+        the chosen class c, with W from the stage's TP kind (its largest shard) when it uses one."""
         p, nt, b = self.problem, len(self.problem.types), self.problem.microbatch_size
         for s in range(self.num_stages):
             cls = [self.model.new_bool_var(f"cls_s{s}_c{c}") for c in range(nt + 1)]
             self.model.add_exactly_one(cls)
             for k in range(nt):
-                self.model.add(self.n[s, k] <= p.node_max[k]).only_enforce_if(cls[1 + k])
-                for other in range(nt):
-                    if other != k:
-                        self.model.add(self.n[s, other] == 0).only_enforce_if(cls[1 + k])
+                mine = [v for v in self.kv if not p.kinds[v].cross_node
+                        and all(m == k for m, _ in p.kinds[v].members)]
+                if mine:
+                    self.model.add(sum(p.kinds[u].tp * self.n[s, u] for u in mine) <= p.node_max[k]
+                                   ).only_enforce_if(cls[1 + k])
+                for v in self.kv:
+                    if v not in mine:
+                        self.model.add(self.n[s, v] == 0).only_enforce_if(cls[1 + k])
             n_total = self.model.new_int_var(1, b, f"ntotal_s{s}")
-            self.model.add(n_total == sum(self.n[s, k] for k in range(nt)))
+            self.model.add(n_total == sum(self.n[s, v] for v in self.kv))
             factor = self.model.new_int_var(0, _PERMILLE, f"ring_factor_s{s}")
             self.model.add_element(n_total, p.ring_factor, factor)
             volume_hi = max(pre[-1] for pre in p.ar_prefix)
             volume = self.model.new_int_var(0, volume_hi, f"ar_volume_s{s}")
-            for c in range(nt + 1):
-                self.model.add(volume == self._interval(f"W{c}", p.ar_prefix[c], s)).only_enforce_if(cls[c])
+            if self.tp_kinds:
+                plain = self.model.new_bool_var(f"plain_s{s}")
+                self.model.add(sum(self.used[s, v] for v in self.tp_kinds) == 0).only_enforce_if(plain)
+                self.model.add(sum(self.used[s, v] for v in self.tp_kinds) >= 1).only_enforce_if(~plain)
+                for c in range(nt + 1):
+                    self.model.add(volume >= self._interval(f"W{c}", p.ar_prefix[c], s)).only_enforce_if(
+                        [cls[c], plain])
+                for v in self.tp_kinds:
+                    for c, prefix in p.kind_ar[v].items():
+                        self.model.add(volume >= self._interval(f"W{c}k{v}", prefix, s)).only_enforce_if(
+                            [cls[c], self.used[s, v]])
+            else:
+                for c in range(nt + 1):
+                    self.model.add(volume == self._interval(f"W{c}", p.ar_prefix[c], s)).only_enforce_if(cls[c])
             scaled = self.model.new_int_var(0, _PERMILLE * volume_hi, f"ar_scaled_s{s}")
             self.model.add_multiplication_equality(scaled, [factor, volume])
             for c in range(nt + 1):
@@ -763,10 +1147,10 @@ class _StageModel:
         for s, st in enumerate(choice.stages):
             if s > 0:
                 self.model.add_hint(self.cut[s], st.first_block)
-            for k in range(len(p.types)):
-                self.model.add_hint(self.n[s, k], st.counts[k])
-                self.model.add_hint(self.q[s, k], st.shares[k])
-                self.model.add_hint(self.used[s, k], st.counts[k] > 0)
+            for v in self.kv:
+                self.model.add_hint(self.n[s, v], st.counts[v])
+                self.model.add_hint(self.q[s, v], st.shares[v])
+                self.model.add_hint(self.used[s, v], st.counts[v] > 0)
             if self.rc[s] is not None:
                 self.model.add_hint(self.rc[s], st.recompute)
             cost = p.stage_cost(self.num_stages, s, st)
@@ -797,12 +1181,12 @@ class _StageModel:
         if status == cp_model.UNKNOWN:
             return "UNKNOWN", None, round(solver.best_objective_bound)
         assert status in (cp_model.OPTIMAL, cp_model.FEASIBLE), solver.status_name(status)
-        p, nt = self.problem, len(self.problem.types)
+        p = self.problem
         stages = []
         for s in range(self.num_stages):
             first, end = solver.value(self.cut[s]), solver.value(self.cut[s + 1])
-            counts = tuple(solver.value(self.n[s, k]) for k in range(nt))
-            shares = tuple(solver.value(self.q[s, k]) for k in range(nt))
+            counts = tuple(solver.value(self.n[s, v]) if v in self.kv else 0 for v in range(p.num_kinds))
+            shares = tuple(solver.value(self.q[s, v]) if v in self.kv else 0 for v in range(p.num_kinds))
             rc = bool(solver.value(self.rc[s])) if self.rc[s] is not None else False
             stages.append(_Stage(first, end - 1, counts, shares, rc))
         # C, z and w are only bounded below, so a non-optimal solution may overstate them.
@@ -830,37 +1214,50 @@ class _ProgressCallback(cp_model.CpSolverSolutionCallback):
 
 
 def _place_devices(problem: _Problem, stages: Sequence[_Stage]) -> list[tuple[int, ...]]:
-    """Concrete device indices per stage: each (stage, type) request goes, largest
-    first, to the node of that type with the fewest free devices that still holds
-    it whole (best fit), else across the nodes with the most free devices, so a
-    stage's devices of one type span as few nodes as possible."""
+    """Concrete devices per stage, TP group after TP group (sorted). Requests go TP groups
+    first (largest first, so they pack into nodes), then by size: one stage's devices of one type
+    go to the node of that type with the fewest free devices that still holds them whole (best
+    fit), else across the nodes with the most free devices, so they span as few nodes as possible;
+    a TP group of one type stays inside one node whenever the free devices allow it."""
     cluster = problem.cluster
     free: dict[int, list[int]] = {n: [] for n in range(len(cluster.nodes))}
     for d in cluster.devices:
         free[d.node].append(d.index)
     requests = sorted(
-        ((st.counts[k], s, k) for s, st in enumerate(stages) for k in range(len(problem.types)) if st.counts[k]),
-        key=lambda r: (-r[0], r[1], r[2]),
+        ((problem.kinds[v].tp, st.counts[v], s, v) for s, st in enumerate(stages) for v in range(problem.num_kinds)
+         if st.counts[v]),
+        key=lambda r: (-r[0], -r[1], r[2], r[3]),
     )
-    placed: list[list[int]] = [[] for _ in stages]
-    for n, s, k in requests:
-        name = problem.types[k].name
-        nodes = [i for i, node in enumerate(cluster.nodes) if node.device == name]
-        whole = [i for i in nodes if len(free[i]) >= n]
-        if whole:
-            order = [min(whole, key=lambda i: (len(free[i]), i))]
-        else:
-            order = sorted(nodes, key=lambda i: (-len(free[i]), i))
-        need = n
+    placed: list[list[tuple[int, ...]]] = [[] for _ in stages]
+
+    def nodes_of(k: int) -> list[int]:
+        return [i for i, node in enumerate(cluster.nodes) if node.device == problem.types[k].name]
+
+    def take_one(k: int) -> int:
+        i = min((i for i in nodes_of(k) if free[i]), key=lambda i: (-len(free[i]), i))
+        return free[i].pop(0)
+
+    for tp, n, s, v in requests:
+        kind = problem.kinds[v]
+        k = kind.members[0][0]
+        same_type = all(m == k for m, _ in kind.members)
+        if not same_type or kind.cross_node:
+            for _ in range(n):
+                placed[s].append(tuple(take_one(m) for m, _ in kind.members))
+            continue
+        nodes = nodes_of(k)
+        whole = [i for i in nodes if len(free[i]) >= n * tp]
+        order = [min(whole, key=lambda i: (len(free[i]), i))] if whole else sorted(
+            nodes, key=lambda i: (-len(free[i]), i))
+        groups: list[tuple[int, ...]] = []
         for i in order:
-            take = free[i][:need]
-            free[i] = free[i][len(take):]
-            placed[s].extend(take)
-            need -= len(take)
-            if need == 0:
-                break
-        assert need == 0, "device counts were checked by the model"
-    return [tuple(sorted(p)) for p in placed]
+            while len(groups) < n and len(free[i]) >= tp:
+                groups.append(tuple(free[i][:tp]))
+                free[i] = free[i][tp:]
+        while len(groups) < n:  # no node has a whole group left: the group spans nodes
+            groups.append(tuple(take_one(k) for _ in range(tp)))
+        placed[s].extend(groups)
+    return [tuple(d for group in sorted(groups) for d in group) for groups in placed]
 
 
 def _device_shares(caps: Sequence[int], unit_times: Sequence[int], total: int) -> tuple[int, ...]:
@@ -881,23 +1278,33 @@ def _device_shares(caps: Sequence[int], unit_times: Sequence[int], total: int) -
 
 def _to_decision(problem: _Problem, choice: _Choice) -> PlanDecision:
     devices_per_stage = _place_devices(problem, choice.stages)
-    kinds = {d.index: problem.type_index[d.type] for d in problem.cluster.devices}
+    real = {d.index: problem.real_kind.get(problem.type_index[d.type]) for d in problem.cluster.devices}
     stages = []
     for st, devices in zip(choice.stages, devices_per_stage):
-        caps = [st.shares[kinds[d]] for d in devices]
-        times = [problem.sample_units(kinds[d], st.first_block, st.last_block, st.recompute) for d in devices]
+        used = [v for v, c in enumerate(st.counts) if c]
+        tp_kind = used[0] if len(used) == 1 and problem.kinds[used[0]].tp > 1 else None
+        size = 1 if tp_kind is None else problem.kinds[tp_kind].tp
+        groups = [devices[i:i + size] for i in range(0, len(devices), size)]
+        kinds = [tp_kind if tp_kind is not None else real[g[0]] for g in groups]
+        caps = [st.shares[v] for v in kinds]
+        times = [problem.kind_units(v, st.first_block, st.last_block, st.recompute) for v in kinds]
         shares = _device_shares(caps, times, problem.microbatch_size)
-        stages.append(StageDecision(st.first_block, st.last_block, devices, shares, st.recompute))
+        tp = 1 if tp_kind is None else problem.kinds[tp_kind].tp
+        parts = () if tp_kind is None else problem.kinds[tp_kind].parts
+        stages.append(StageDecision(st.first_block, st.last_block, tuple(d for g in groups for d in g),
+                                    tuple(q for q in shares for _ in range(tp)), st.recompute, tp, parts))
     return PlanDecision(tuple(stages), problem.num_microbatches, problem.microbatch_size, problem.schedule)
 
 
 # ---------------------------------------------------------------- the search
 
 
-def _microbatch_options(global_batch: int, num_microbatches: int | None) -> list[int]:
+def _microbatch_options(global_batch: int, num_microbatches: int | None, dp: int | None = None) -> list[int]:
     if num_microbatches is not None:
         return [num_microbatches]
-    divisors = [m for m in range(1, min(global_batch, MAX_MICROBATCHES) + 1) if global_batch % m == 0]
+    # A pinned dp needs micro-batches of at least dp samples (one per replica).
+    top = min(global_batch // (dp or 1), MAX_MICROBATCHES)
+    divisors = [m for m in range(1, top + 1) if global_batch % m == 0]
     # Keep the search in seconds: divisors at least ~1.8x apart (1, 2, 4, 8, ... or 1, 3, 8, 24, ...).
     picked, last = [], 0.0
     for m in divisors:
@@ -907,18 +1314,90 @@ def _microbatch_options(global_batch: int, num_microbatches: int | None) -> list
     return picked
 
 
-def _screen(problem: _Problem, limit: int) -> dict[int, _Choice]:
+def _screen(problem: _Problem, ladder: Sequence[int], layouts_of: str = "all") -> dict[int, _Choice]:
     """Heuristic plan per stage count on the ladder (only those that fit)."""
     out = {}
-    for num_stages in stage_ladder(limit):
-        choice = _heuristic(problem, num_stages, recompute=False)
+    for num_stages in ladder:
+        choice = _heuristic(problem, num_stages, recompute=False, layouts_of=layouts_of)
         if problem.allow_recompute:
-            with_rc = _heuristic(problem, num_stages, recompute=True)
+            with_rc = _heuristic(problem, num_stages, recompute=True, layouts_of=layouts_of)
             if with_rc is not None and (choice is None or with_rc.objective_units < choice.objective_units):
                 choice = with_rc
         if choice is not None:
             out[num_stages] = choice
     return out
+
+
+def _real_kinds(problem: _Problem, hint: _Choice | None) -> list[int]:
+    return sorted(problem.real_kind.values())
+
+
+def _offered_kinds(problem: _Problem, hint: _Choice | None) -> list[int] | None:
+    """The kinds a CP-SAT model gets: every real type, and the TP kinds of the degrees its hint uses
+    (None: all kinds). Keeps the model the size of a TP-free one unless the heuristics found TP useful."""
+    if not problem.has_tp_kinds or hint is None or problem.tp is not None:
+        return None
+    degrees = {problem.kinds[v].tp for st in hint.stages for v, c in enumerate(st.counts) if c}
+    return [v for v, kind in enumerate(problem.kinds) if kind.tp == 1 or kind.tp in degrees]
+
+
+def _check_pins(costs: ModelCosts, cluster: Cluster, tp, pp, dp, num_microbatches, max_stages) -> None:
+    """Reject a pinned shape that cannot fit before searching: one paragraph naming the problem and the fix."""
+    for name, value in (("tp", tp), ("pp", pp), ("dp", dp)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UserError(f"{name} is {value!r}; it must be a positive integer (or None to let the planner choose).")
+    if tp is not None and tp > 1:
+        narrow = [b for b in costs.blocks if too_narrow(b, tp)]
+        if narrow:
+            names = ", ".join(f"{b.name} ({b.tp_units})" for b in narrow[:3]) + (", ..." if len(narrow) > 3 else "")
+            raise UserError(
+                f"--tp {tp} splits every stage {tp} ways, but {len(narrow)} of the model's {costs.num_blocks} blocks "
+                f"split fewer ways (tp_units: {names}); each TP member needs at least one unit (an attention "
+                f"head, say). " + (f"Pin --tp {min(b.tp_units for b in costs.blocks)} or less, or leave --tp out: "
+                                   "the planner then uses TP only on stages whose blocks split."
+                                   if min(b.tp_units for b in costs.blocks) > 1 else
+                                   "Leave --tp out (or pin --tp 1): the planner then uses TP only on stages whose "
+                                   "blocks split."))
+        largest = max(cluster.count_of(t.name) for t in cluster.device_types)
+        if tp > largest and not (tp == 2 and len(cluster.device_types) > 1):
+            raise UserError(f"--tp {tp} needs TP groups of {tp} devices of one type, and the cluster has at most "
+                            f"{largest} of any type. Pin --tp {largest} or less, or leave --tp out.")
+    if pp is not None:
+        limit = min(costs.num_blocks, max_stages or costs.num_blocks)
+        if pp > limit:
+            raise UserError(f"--pp {pp} asks for {pp} pipeline stages, but "
+                            + (f"the model has {costs.num_blocks} blocks (layers), and each stage needs at least "
+                               "one" if pp > costs.num_blocks else f"max_stages is {max_stages}")
+                            + f". Pin --pp {limit} or less, or leave --pp out.")
+    if dp is not None:
+        b = costs.global_batch // num_microbatches if num_microbatches else costs.global_batch
+        if dp > b:
+            raise UserError(f"--dp {dp} asks for {dp} data-parallel replicas per stage, but a micro-batch has {b} "
+                            "sample(s) and each replica needs at least one. Pin a smaller --dp, use fewer "
+                            "micro-batches, or a larger global batch.")
+    need = (tp or 1) * (pp or 1) * (dp or 1)
+    if need > cluster.num_devices:
+        raise UserError(f"The pinned shape ({_shape_text(tp, pp, dp)}) needs at least {need} devices (tp x pp x dp), "
+                        f"and the cluster has {cluster.num_devices}. Lower a pin, or leave it out (--tp/--pp/--dp) to "
+                        "let the planner choose.")
+
+
+def _shape_text(tp, pp, dp) -> str:
+    return ", ".join(f"{name}={'any' if v is None else v}" for name, v in (("tp", tp), ("pp", pp), ("dp", dp)))
+
+
+def _pinned_no_fit_error(problem: _Problem, tp, pp, dp) -> UserError:
+    total_params = problem.param_bytes(0, problem.num_blocks - 1)
+    static = STATIC_BYTES_PER_PARAM_BYTE * total_params
+    largest = max(problem.types, key=lambda t: t.mem_bytes)
+    return UserError(
+        f"The pinned shape ({_shape_text(tp, pp, dp)}) fits no plan on this cluster: with these pins some device "
+        f"runs out of memory or devices run out. The model has {total_params / 1e9:.3g} GB of parameters "
+        f"({static / 1e9:.3g} GB with gradients and Adam state, before activations), and the largest device "
+        f"({largest.name}) has {largest.mem_GB:g} GB. Fixes: raise --tp or --pp (each device holds a smaller slice "
+        "of the model), lower --dp (fewer devices per stage leave more for the others), add devices, or leave "
+        "the pins out to let the planner choose."
+    )
 
 
 def solve(
@@ -933,9 +1412,12 @@ def solve(
     num_workers: int = 1,
     allow_recompute: bool | None = None,
     on_progress: Callable[[float, float], None] | None = None,
+    tp: int | None = None,
+    pp: int | None = None,
+    dp: int | None = None,
 ) -> tuple[PlanDecision, SolverReport]:
-    """Choose stages, device groups, batch shares, recompute, micro-batch count and schedule
-    minimising the predicted step time.
+    """Choose stages, device groups, batch shares, TP degrees, recompute, micro-batch count and
+    schedule minimising the predicted step time.
 
     ``num_microbatches=None`` lets the planner choose among the divisors of the
     global batch (up to MAX_MICROBATCHES); ``schedule="auto"`` chooses between
@@ -943,6 +1425,10 @@ def solve(
     when no plan fits without it. ``on_progress(objective_s, bound_s)`` is
     called at every improving CP-SAT solution. With a fixed ``seed`` and
     ``num_workers`` the same input gives the same plan (deterministic limits).
+    ``tp``, ``pp``, ``dp`` pin every stage's TP degree, the number of stages and every
+    stage's data-parallel replicas; the planner chooses what is not pinned, and a pinned
+    shape that cannot fit raises :class:`UserError`. TP groups stay inside a node; groups
+    across nodes (mixed types, or more devices than a node) are tried only when nothing else fits.
 
     >>> from hetcompile.ir import Block, ModelCosts
     >>> from cost_models.cluster import load_cluster
@@ -953,21 +1439,61 @@ def solve(
     ([(0, 1, (0, 1), (2, 2))], 'OPTIMAL')
     """
     start = time.perf_counter()
+    _check_pins(costs, cluster, tp, pp, dp, num_microbatches, max_stages)
     schedules = SCHEDULES if schedule == "auto" else (schedule,)
     recompute_options = [False, True] if allow_recompute is None else [bool(allow_recompute)]
-    result = None
-    for allow_rc in recompute_options:
-        problems = [_Problem(costs, cluster, m, sched, allow_rc)
-                    for m in _microbatch_options(costs.global_batch, num_microbatches) for sched in schedules]
+    # TP groups across nodes only when nothing fits inside nodes (with or without recompute).
+    levels = [(rc, cross) for cross in (False, True) for rc in recompute_options]
+    result, limit = None, 1
+    for allow_rc, cross in levels:
+        problems = [_Problem(costs, cluster, m, sched, allow_rc, tp=tp, dp=dp, cross_node_tp=cross)
+                    for m in _microbatch_options(costs.global_batch, num_microbatches, dp) for sched in schedules]
+        if cross and not any(kind.cross_node for kind in problems[0].kinds):
+            continue
+        if not problems[0].kinds:
+            continue
         limit = problems[0].max_stages(max_stages)
-        screened = [(problem, _screen(problem, limit)) for problem in problems]
+        ladder = [pp] if pp is not None else stage_ladder(limit)
+        complete = pp is not None or len(ladder) == limit
+        # NOTE: [TP after the plain search] With TP free and TP kinds at hand, the search first runs
+        # as without TP (real types only, the same models in the same order, MAX_SOLVED_MODELS -
+        # MAX_TP_MODELS of them), then offers TP: heuristics with TP groups, and up to MAX_TP_MODELS
+        # CP-SAT models for TP hints within TP_HINT_SLACK of the incumbent, cut off at it. The model
+        # budget is shared, so TP costs the search little time, and a TP plan replaces the plain one
+        # only when it is faster; when no plain plan fits, TP gets the whole budget.
+        two_phase = tp is None and problems[0].has_tp_kinds
+        plain = [] if cross else [(problem, _screen(problem, ladder, "plain" if two_phase else "all"))
+                                  for problem in problems]
+        # TP heuristics only where the plain ones come within 2x of the best (or everywhere when none fit).
+        best_plain = [min((c.objective_units for c in per_s.values()), default=math.inf) for _, per_s in plain]
+        near = [problem for i, problem in enumerate(problems)
+                if not plain or min(best_plain) == math.inf or best_plain[i] <= 2 * min(best_plain)]
+        with_tp = [(problem, _screen(problem, ladder, "tp")) for problem in near] if two_phase else []
         if not allow_rc and allow_recompute is None and limit > FULL_STAGE_LADDER and not any(
-                per_s for _, per_s in screened):
+                per_s for _, per_s in plain + with_tp):
             continue  # a large instance where no heuristic plan fits: go straight to recompute
-        result = _solve_best(screened, limit, start, time_limit_s, seed, num_workers, on_progress)
+        if plain:
+            # The TP models come out of the same budget: TP must not make planning slower.
+            result = _solve_best(plain, ladder, complete, start, time_limit_s, seed, num_workers, on_progress,
+                                 kinds_of=_real_kinds if two_phase else _offered_kinds,
+                                 max_models=MAX_SOLVED_MODELS - (MAX_TP_MODELS if two_phase else 0))
+        if with_tp:
+            budget = MAX_SOLVED_MODELS if result is None else (
+                MAX_TP_MODELS if any(per_s for _, per_s in with_tp) else 0)
+            tp_result = _solve_best(with_tp, ladder, complete, start, time_limit_s, seed, num_workers, on_progress,
+                                    incumbent=result[:2] if result else None, max_models=budget,
+                                    hint_slack=TP_HINT_SLACK,
+                                    deterministic_time=DETERMINISTIC_TIME_PER_MODEL if result is None
+                                    else DETERMINISTIC_TIME_PER_TP_MODEL)
+            if result is not None and tp_result is not None:
+                tp_result = (*tp_result[:2], result[2] and tp_result[2], min(result[3], tp_result[3]),
+                             result[4] + tp_result[4])
+            result = tp_result or result
         if result is not None:
             break
     if result is None:
+        if (tp, pp, dp) != (None, None, None):
+            raise _pinned_no_fit_error(problems[0], tp, pp, dp)
         raise problems[0].no_fit_error(limit)
     problem, choice, all_optimal, bound, num_variables = result
     objective = choice.objective_units
@@ -987,17 +1513,21 @@ def solve(
     return _to_decision(problem, choice), report
 
 
-def _solve_best(screened, limit, start, time_limit_s, seed, num_workers, on_progress):
+def _solve_best(screened, ladder, complete, start, time_limit_s, seed, num_workers, on_progress, *,
+                kinds_of=_offered_kinds, incumbent=None, max_models: int = MAX_SOLVED_MODELS,
+                hint_slack: float | None = None, deterministic_time: float = DETERMINISTIC_TIME_PER_MODEL):
     """CP-SAT per (micro-batch count, schedule, stage count), best-screened first; None when nothing fits.
 
     Every pair either gets a CP-SAT model (hinted with its heuristic plan, cut off at the
-    incumbent), or is proven no better by its analytic bound, or, past MAX_SOLVED_MODELS,
-    keeps that bound in the gap. Returns (problem, choice, proven optimal, bound units, variables).
+    incumbent), or is proven no better by its analytic bound, or, past ``max_models``,
+    keeps that bound in the gap. ``kinds_of(problem, hint)``: the kinds a model is offered;
+    ``incumbent``: a (problem, choice) to beat; ``hint_slack``: with an incumbent, solve only
+    pairs whose hint is within this factor of it. Returns (problem, choice, proven optimal,
+    bound units, variables).
     """
-    ladder = stage_ladder(limit)
     pairs = [(problem, s, per_s.get(s)) for problem, per_s in screened for s in ladder]
     pairs.sort(key=lambda x: x[2].objective_units if x[2] is not None else math.inf)  # stable: input order on ties
-    best: tuple[_Problem, _Choice] | None = None
+    best: tuple[_Problem, _Choice] | None = incumbent
     for problem, _, hint in pairs:
         if hint is not None and (best is None or hint.objective_units < best[1].objective_units):
             best = (problem, hint)
@@ -1006,7 +1536,7 @@ def _solve_best(screened, limit, start, time_limit_s, seed, num_workers, on_prog
         floor = min(problem.lower_bound_units(s) for problem, s, _ in pairs)
         on_progress(best[1].objective_units / TIME_UNITS_PER_S, min(floor, best[1].objective_units) / TIME_UNITS_PER_S)
     # Proven optimal only when every stage count was covered (the ladder is complete).
-    all_optimal = len(ladder) == limit
+    all_optimal = complete
     bounds, num_variables, solved = [], 0, 0
     deadline = start + time_limit_s
     for i, (problem, num_stages, hint) in enumerate(pairs):
@@ -1015,12 +1545,14 @@ def _solve_best(screened, limit, start, time_limit_s, seed, num_workers, on_prog
         if incumbent is not None and floor >= incumbent:
             bounds.append(incumbent)  # proven: no such plan beats the incumbent
             continue
-        if solved >= MAX_SOLVED_MODELS or num_variables >= MAX_SOLVED_VARIABLES:
+        far = hint_slack is not None and incumbent is not None and (
+            hint is None or hint.objective_units > hint_slack * incumbent)
+        if far or solved >= max_models or num_variables >= MAX_SOLVED_VARIABLES:
             bounds.append(floor)
             all_optimal = False
             continue
         solved += 1
-        stage_model = _StageModel(problem, num_stages)
+        stage_model = _StageModel(problem, num_stages, kinds_of(problem, hint))
         num_variables += stage_model.num_variables
         if incumbent is not None:
             stage_model.add_incumbent_cutoff(incumbent)
@@ -1028,8 +1560,8 @@ def _solve_best(screened, limit, start, time_limit_s, seed, num_workers, on_prog
                 hint = None  # it violates the cutoff
         if hint is not None:
             stage_model.add_hint(hint)
-        wall_left_s = (deadline - time.perf_counter()) / max(1, min(len(pairs) - i, MAX_SOLVED_MODELS - solved + 1))
-        status, choice, bound = stage_model.solve(DETERMINISTIC_TIME_PER_MODEL, wall_left_s, seed, num_workers,
+        wall_left_s = (deadline - time.perf_counter()) / max(1, min(len(pairs) - i, max_models - solved + 1))
+        status, choice, bound = stage_model.solve(deterministic_time, wall_left_s, seed, num_workers,
                                                   on_progress)
         logger.debug("M=%d %s S=%d: %s objective=%s bound=%s vars=%d", problem.num_microbatches, problem.schedule,
                      num_stages, status, choice and choice.objective_units, bound, stage_model.num_variables)
@@ -1052,8 +1584,8 @@ def _solve_best(screened, limit, start, time_limit_s, seed, num_workers, on_prog
 
 def step_time_s(decision: PlanDecision, costs: ModelCosts, cluster: Cluster, schedule: str) -> float:
     """Predicted step seconds of a decision: the model's objective, evaluated with the
-    decision's integer shares (a stage takes as long as its slowest device,
-    ``max_d share_d * t_k(d)``) and ring all-reduces over the actual devices' links.
+    decision's integer shares (a stage takes as long as its slowest group,
+    ``max_g share_g * t(g) + fixed(g)``) and ring all-reduces over the actual devices' links.
 
     >>> from hetcompile.ir import Block, ModelCosts
     >>> from cost_models.cluster import load_cluster
@@ -1063,15 +1595,29 @@ def step_time_s(decision: PlanDecision, costs: ModelCosts, cluster: Cluster, sch
     >>> round(step_time_s(one, ModelCosts(blocks, 8, "bf16"), cluster, "1f1b"), 6)  # 8 samples x 3 x 6.41 ms
     0.153846
     """
-    problem = _Problem(costs, cluster, decision.num_microbatches, schedule)
-    kinds = {d.index: problem.type_index[d.type] for d in cluster.devices}
+    problems: dict[int, _Problem] = {}
     stage_times, allreduce_times = [], []
     for st in decision.stages:
-        compute_units = max(share * problem.sample_units(kinds[d], st.first_block, st.last_block, st.recompute)
-                            for d, share in zip(st.devices, st.shares))
+        tp = st.tp
+        if tp not in problems:
+            problems[tp] = _Problem(costs, cluster, decision.num_microbatches, schedule, tp=tp, cross_node_tp=True)
+        problem = problems[tp]
+        compute_units = 0
+        for i in range(0, len(st.devices), tp):
+            group = st.devices[i:i + tp]
+            v = problem.kind_of_group([cluster.devices[d].type for d in group], st.tp_parts)
+            assert v is not None, f"no kind for TP group {group} with parts {st.tp_parts}"
+            compute_units = max(compute_units, st.shares[i] * problem.kind_units(v, st.first_block, st.last_block,
+                                                                                 st.recompute)
+                                + problem.kind_fixed(v, st.first_block, st.last_block, st.recompute))
         stage_times.append(compute_units / TIME_UNITS_PER_S)
-        allreduce_times.append(allreduce_time_s(problem.param_bytes(st.first_block, st.last_block), cluster, st.devices))
-    sends = [problem.send[st.first_block] / TIME_UNITS_PER_S for st in decision.stages[1:]]
+        blocks = costs.blocks[st.first_block:st.last_block + 1]
+        parts = st.tp_parts or (1,) * tp
+        allreduce_times.append(max(
+            allreduce_time_s(sum(b.param_bytes * tp_share(b.tp_param_fraction, parts[i], sum(parts)) for b in blocks),
+                             cluster, st.devices[i::tp]) for i in range(tp)))
+    sends = [problems[1 if 1 in problems else next(iter(problems))].send[st.first_block] / TIME_UNITS_PER_S
+             for st in decision.stages[1:]]
     return (sum(stage_times) + 2 * sum(sends) + (decision.num_microbatches - 1) * max(stage_times + sends)
             + max(allreduce_times))
 
@@ -1084,16 +1630,19 @@ def brute_force(
     schedule: str,
     max_stages: int | None = None,
     allow_recompute: bool = False,
+    tp: int | None = None,
+    dp: int | None = None,
 ) -> tuple[PlanDecision, float]:
     """Exhaustive search over the model's own variables and costs, for tests on tiny instances.
 
     Returns the best decision and its objective in seconds (the same integer
     cost the CP-SAT model minimises, so the two optima are equal exactly).
+    Kinds as :func:`solve` first tries them (TP groups inside nodes only).
     """
-    problem = _Problem(costs, cluster, num_microbatches, schedule, allow_recompute)
+    problem = _Problem(costs, cluster, num_microbatches, schedule, allow_recompute, tp=tp, dp=dp)
     limit = problem.max_stages(max_stages)
-    nb, nt, b = problem.num_blocks, len(problem.types), problem.microbatch_size
-    count_options = [range(min(problem.available[k], b) + 1) for k in range(nt)]
+    nb, b = problem.num_blocks, problem.microbatch_size
+    count_options = [range(problem.kind_top[v] + 1) for v in range(problem.num_kinds)]
     rc_options = (False, True) if allow_recompute else (False,)
     best: _Choice | None = None
     for num_stages in range(1, limit + 1):

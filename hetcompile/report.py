@@ -69,6 +69,17 @@ def format_devices(types: list[str]) -> str:
     return ", ".join(f"{n}x {t}" for t, n in sorted(Counter(types).items()))
 
 
+def format_tp(tp: int, parts=()) -> str:
+    """A stage's tensor parallelism for people: "" without, "TP 2", or "TP 2 (3:1)" with uneven shards.
+
+    >>> format_tp(2, (3, 1))
+    'TP 2 (3:1)'
+    """
+    if tp <= 1:
+        return ""
+    return f"TP {tp}" + (f" ({':'.join(map(str, parts))})" if parts else "")
+
+
 def summary(plan) -> str:
     """The short report the CLI prints after compiling (also ``Plan.summary()``)."""
     by_rank = {r.rank: r for r in plan.ranks}
@@ -85,8 +96,7 @@ def summary(plan) -> str:
         phases = " | ".join(f"{k} {format_time(plan.timings[k])}" for k in keys)
         lines.append(f"  compile: {phases}")
     lines.append("")
-    header = f"  {'stage':<6}{'devices':<26}{'blocks':<44}{'samples/micro-batch':<22}{'fwd+bwd':>10}"
-    lines.append(header)
+    rows = []
     for st, pred in zip(plan.stages, plan.predicted["stages"]):
         types = [by_rank[r].device_type for r in st.ranks]
         # "pre: transformer.wte, ..." -> "pre": the full names are in stage_S.py and plan.json.
@@ -95,8 +105,14 @@ def summary(plan) -> str:
         count = st.last_block - st.first_block + 1
         blocks = f"{blocks[:30]} ({count} block{'s' if count > 1 else ''})"
         shares = format_shares(st.shares)
-        lines.append(f"  {st.index:<6}{format_devices(types):<26}{blocks:<44}{shares:<22}"
-                     f"{format_time(pred['fwd_s'] + pred['bwd_s']):>10}")
+        devices = format_devices(types) + (f", {format_tp(st.tp, st.tp_parts)}" if st.tp > 1 else "")
+        if st.tp > 1:
+            shares = format_shares(st.shares[::st.tp]) + " per group"
+        rows.append((st.index, devices, blocks, shares, format_time(pred["fwd_s"] + pred["bwd_s"])))
+    width = max([24] + [len(r[1]) for r in rows]) + 2
+    lines.append(f"  {'stage':<6}{'devices':<{width}}{'blocks':<44}{'samples/micro-batch':<22}{'fwd+bwd':>10}")
+    for index, devices, blocks, shares, time_text in rows:
+        lines.append(f"  {index:<6}{devices:<{width}}{blocks:<44}{shares:<22}{time_text:>10}")
     p = plan.predicted
     lines += ["",
               f"  predicted: step {format_time(p['step_time_s'])}, {format_rate(p['samples_per_s'])} samples/s, "
@@ -113,6 +129,11 @@ def summary(plan) -> str:
                      f"({100 * m['mem_bytes'] / m['capacity_bytes']:.1f}%)")
     if plan.idle_devices:
         lines.append(f"  idle devices: {format_ranges(plan.idle_devices)} (using them would not speed up the step)")
+    for st in plan.stages:
+        if st.left_whole:  # what tensor parallelism could not split runs whole on every member
+            lines.append(f"  stage {st.index} tensor parallel: {len(st.left_whole)} matmul"
+                         f"{'s' if len(st.left_whole) > 1 else ''} left whole, e.g. {st.left_whole[0]} "
+                         f"(all in stage_{st.index}_tp0.py)")
     s = plan.solver
     lines.append(f"  solver: {s['status']}, gap {s['gap'] * 100:.2f}%, {s['num_variables']} variables")
     return "\n".join(lines)

@@ -382,6 +382,8 @@ def simulate(
     send_bwd_s: Sequence[float],
     allreduce_s: Sequence[float],
     update_s: Sequence[float] | None = None,
+    notice_fwd_s: Sequence[float] | None = None,
+    notice_bwd_s: Sequence[float] | None = None,
 ) -> Timeline:
     """Discrete-event run of one step of ``schedule``; all times in seconds, one per stage.
 
@@ -392,6 +394,10 @@ def simulate(
     spans on the sender's communication track and never delay its compute.
     ``allreduce_s[s]`` starts after stage s's last action, and ``update_s[s]``
     (optimizer step and end-of-step bookkeeping; none when omitted) after it.
+    ``notice_fwd_s[s]`` / ``notice_bwd_s[s]`` (indexed like the sends): the time the
+    consumer's receive notice takes to reach stage s; given, data leaves only once the
+    consumer has posted its receive and the notice has arrived (see NOTE: [receives
+    posted in program order]); omitted, as soon as it is produced.
     ``fwd_s[s]``/``bwd_s[s]`` should be the slowest replica's time, since
     every replica waits for the slowest one.
 
@@ -411,6 +417,8 @@ def simulate(
         ("send_bwd_s", send_bwd_s),
         ("allreduce_s", allreduce_s),
         ("update_s", [0.0] * num_stages if update_s is None else update_s),
+        ("notice_fwd_s", [0.0] * num_stages if notice_fwd_s is None else notice_fwd_s),
+        ("notice_bwd_s", [0.0] * num_stages if notice_bwd_s is None else notice_bwd_s),
     ):
         _check_stage_times(name, values, num_stages)
     # A nonzero send with no receiver means the caller's lists are shifted by one stage.
@@ -426,11 +434,26 @@ def simulate(
     next_index = [0] * num_stages
     free_at_s = [0.0] * num_stages
 
+    # NOTE: [receives posted in program order] A rank posts the receive of an input right
+    # before the action that needs it (the emitted programs; hetcompile/runtime/context.py),
+    # and a rendezvous transport (gloo, NCCL p2p) sends the data only once the receiver's
+    # notice has reached the sender: so data that was ready long before still arrives one
+    # link latency (the notice) plus the send after the consumer got to the receive. On gloo
+    # between CPU processes a late-posted receive measured twice the one-way latency of a
+    # ping-pong (benchmarks/RESULTS.md, "Predictor accuracy").
+    # Without notices (the datasheet model) data leaves as soon as it is produced.
+    rendezvous = notice_fwd_s is not None or notice_bwd_s is not None
+    notice_fwd = [0.0] * num_stages if notice_fwd_s is None else notice_fwd_s
+    notice_bwd = [0.0] * num_stages if notice_bwd_s is None else notice_bwd_s
+
     def arrival_s(dep: Action, consumer_stage: int) -> float:
         if dep.stage == consumer_stage:  # the last stage's own forward: no transfer
             return end_s[dep]
         send = send_fwd_s if dep.kind == FORWARD else send_bwd_s
-        return end_s[dep] + send[dep.stage]
+        if not rendezvous:
+            return end_s[dep] + send[dep.stage]
+        notice = notice_fwd if dep.kind == FORWARD else notice_bwd
+        return max(end_s[dep], free_at_s[consumer_stage] + notice[dep.stage]) + send[dep.stage]
 
     # validate() proved the lock-step run finishes, so each sweep schedules at
     # least one action; start times do not depend on the sweep order because

@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from hetcompile.report import format_ranges, format_rate
+from hetcompile.report import format_ranges, format_rate, format_tp
 from hetcompile.schedule import BACKWARD, FORWARD, Timeline, make_schedule, simulate
 
 __all__ = ["RankSpan", "busiest_stage", "chrome_trace", "plan_timeline", "rank_spans", "shown_ranks", "timeline_png"]
@@ -64,6 +64,8 @@ def plan_timeline(plan) -> Timeline:
     """
     stages = plan.predicted["stages"]
     times = {k: [st[k] for st in stages] for k in ("fwd_s", "bwd_s", "send_fwd_s", "send_bwd_s", "allreduce_s")}
+    # Receive notices (NOTE: [receives posted in program order]): only profiled plans have them.
+    times.update({k: [st[k] for st in stages] for k in ("notice_fwd_s", "notice_bwd_s") if k in stages[0]})
     return simulate(make_schedule(plan.schedule, len(stages), plan.num_microbatches), **times)
 
 
@@ -96,13 +98,16 @@ def shown_ranks(plan) -> list:
 
 def _row_label(plan, rank, short: bool) -> str:
     if plan.world_size <= MAX_RANK_ROWS:
-        return f"r{rank.rank} s{rank.stage} {rank.device_type}" if short else _rank_label(rank)
+        tp = f" tp{rank.tp_rank}" if plan.stages[rank.stage].tp > 1 else ""
+        return f"r{rank.rank} s{rank.stage}{tp} {rank.device_type}" if short else _rank_label(rank)
     stage = plan.stages[rank.stage]
     by_rank = {r.rank: r for r in plan.ranks}
     types = {}
     for r in stage.ranks:
         types[by_rank[r].device_type] = types.get(by_rank[r].device_type, 0) + 1
     what = ", ".join(f"{n}x {t}" for t, n in sorted(types.items()))
+    if stage.tp > 1:
+        what += f", {format_tp(stage.tp, stage.tp_parts)}"
     return f"s{rank.stage} ({what})" if short else f"stage {rank.stage} · {what} · shown: rank {rank.rank}"
 
 

@@ -45,8 +45,8 @@ from hetcompile.runtime import tp
 aten = torch.ops.aten
 
 # Ops whose only tensor input passes its layout through unchanged (same shape, same dims).
-_SAME_LAYOUT = {aten.dropout.default, aten.to.dtype, aten._to_copy.default, aten.clone.default,
-                aten.contiguous.default, aten.alias.default, aten.detach.default, aten.native_dropout.default}
+_SAME_LAYOUT = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
+                aten.alias.default, aten.detach.default}
 # (input, weight, bias) positions and which weight dim holds the output features.
 _LINEAR = {aten.linear.default: (0, 1, 2, 0), aten.addmm.default: (1, 2, 0, 1), aten.mm.default: (0, 1, None, 1)}
 _ATTENTION = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default}
@@ -86,7 +86,7 @@ class TPAnalysis:
     rewrites: dict  # node -> (rank, env, builder) -> new node
     left_whole: dict[str, str]  # matmul node -> why its split was dropped
     column: dict[str, int] = field(default_factory=dict)  # column-split matmul -> units (heads, features)
-    row: set[str] = field(default_factory=set)  # row-split matmuls (an all-reduce each)
+    row: dict[str, int] = field(default_factory=dict)  # row-split matmuls (an all-reduce each) -> units
 
 
 def partition(graph: torch.fx.Graph, parts: tuple[int, ...], shardable: set[str]) -> TPAnalysis:
@@ -223,7 +223,7 @@ class _Propagation:
         self.rewrites: dict = {}
         self.poisoned: dict[str, str] = {}
         self.column: dict[str, int] = {}
-        self.row: set[str] = set()
+        self.row: dict[str, int] = {}
 
     def poison(self, layout, reason: str) -> None:
         for origin in layout.origins:
@@ -244,7 +244,10 @@ class _Propagation:
             inputs = [a for a in n.all_input_nodes if isinstance(self.layout(a), (Shard, list))]
             if n.target is operator.getitem:
                 chunks = self.layout(n.args[0])
-                self.layouts[n] = chunks[n.args[1]] if isinstance(chunks, list) else None
+                if isinstance(chunks, Shard):  # an item of a tuple some rule split: no rule knows which
+                    self.layouts[n] = self.unknown(n, "an item of a split op's tuple")
+                else:
+                    self.layouts[n] = chunks[n.args[1]] if isinstance(chunks, list) else None
                 continue
             if not inputs and n.name not in self.seeds and not self.vocab_parallel(n):
                 continue  # all replicated: stays replicated
@@ -258,6 +261,12 @@ class _Propagation:
             return self.linear(n)
         if t is aten.embedding.default:
             return self.embedding(n)
+        if t is aten.dropout.default:
+            # Members draw from their own generators: dropout on a split would not draw the masks
+            # one device draws, and would make the members' generators drift apart.
+            if n.args[1] and (len(n.args) < 3 or n.args[2]):
+                return self.unknown(n, "dropout with p > 0 on a split tensor")
+            return self.pointwise(n)
         if t in _VIEWS:
             return self.view(n)
         if t is aten.sym_size.int:
@@ -304,10 +313,9 @@ class _Propagation:
             if lay.dim != len(_shape(x)) - 1:
                 return self.unknown(n, f"{_op_name(n)} reads an input split on a dim other than its features")
             self.param(w, in_dim, lay.index)
-            self.row.add(n.name)
-            xi = _LINEAR[n.target][0]
+            self.row[n.name] = min(self.column[o] for o in lay.origins)
 
-            def row(rank, bld, n=n, xi=xi, b=b):
+            def row(rank, bld, n=n, b=b):
                 args = list(bld.arg(n.args))
                 partial = f"{n.name}_partial"  # this member's share of the sum
                 if n.target is aten.addmm.default:
@@ -328,6 +336,10 @@ class _Propagation:
             return None
         groups, inner = self.structure(n, len(_shape(n)) - 1, size)
         units = size // (groups * inner)
+        if any(hi == lo for lo, hi in split_units(units, self.parts)):
+            self.poisoned.setdefault(n.name, f"{units} units (heads) cannot be split "
+                                             f"{':'.join(map(str, self.parts))} with a share for every member")
+            return None
         index = tuple(np.concatenate([np.arange(g * units * inner + lo * inner, g * units * inner + hi * inner)
                                       for g in range(groups)]).astype(np.int64)
                       for lo, hi in split_units(units, self.parts))
@@ -346,11 +358,14 @@ class _Propagation:
         return Shard(len(_shape(n)) - 1, index, frozenset([n.name]))
 
     def vocab_parallel(self, n) -> bool:
-        """An embedding whose table can be split by vocabulary rows."""
+        """An embedding whose table is split by vocabulary rows: a vocabulary (rows > 2x the width), whose
+        table, gradient and optimizer state are worth an all-reduce; a position table stays whole."""
         if n.target is not aten.embedding.default:
             return False
         w, ids = n.args[:2]
-        return (w.name in self.shardable and len(_shape(w)) == 2 and isinstance(_shape(w)[0], int)
+        shape = _shape(w)
+        return (w.name in self.shardable and len(shape) == 2 and isinstance(shape[0], int)
+                and isinstance(shape[1], int) and shape[0] > 2 * shape[1]
                 and not isinstance(self.layout(ids), Shard) and not any(n.args[3:5]))
 
     def embedding(self, n):
@@ -375,7 +390,7 @@ class _Propagation:
             return bld.call(tp.all_reduce, rows, name=f"{n.name}_sum")
 
         self.rewrites[n] = lookup
-        self.row.add(n.name)
+        self.row[n.name] = _shape(w)[0]
         return None
 
     def param(self, p: torch.fx.Node, dim: int, index) -> None:
@@ -765,8 +780,9 @@ def annotate_tp(cap, costs):
             split_flops[b] += n.meta["flops"]
         if n.name in analysis.row:
             comm[b] += n.meta["out_bytes"]
-        if n.name in analysis.column:
-            units[b] = min(units[b] or analysis.column[n.name], analysis.column[n.name])
+        split = analysis.column.get(n.name) or analysis.row.get(n.name)
+        if split:
+            units[b] = min(units[b] or split, split)
     split_bytes = [0] * num
     for name in analysis.params:
         p = params[name]

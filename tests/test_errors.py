@@ -100,3 +100,17 @@ def test_module_without_example_inputs_or_importable_class():
     Local = type("Local", (torch.nn.Module,), {"__module__": "__main__"})
     with pytest.raises(hetcompile.UserError, match="importable"):
         hetcompile.compile(Local(), cluster, torch.zeros(4, 4))
+
+
+def test_pinned_shape_that_cannot_fit(examples, good_cluster, tmp_path):
+    """--tp/--pp/--dp pins the shape; one that cannot fit is one paragraph naming it and the fix."""
+    def compile_pinned(*flags):
+        return subprocess.run(CLI + [str(examples / "mlp.py"), "--cluster", str(good_cluster), "-o",
+                                     str(tmp_path / "out"), *flags], capture_output=True, text=True, timeout=300)
+
+    _assert_clean_error(compile_pinned("--pp", "2", "--dp", "3"), tmp_path / "out",
+                        "needs at least 6 devices", "cluster has 4", "--tp/--pp/--dp")
+    _assert_clean_error(compile_pinned("--pp", "99"), tmp_path / "out", "--pp 99", "blocks", "Pin --pp")
+    # Two devices of each type: no TP group of 4 devices of one type.
+    _assert_clean_error(compile_pinned("--tp", "4"), tmp_path / "out", "--tp 4", "devices of one type",
+                        "leave --tp out")

@@ -311,3 +311,21 @@ def test_bottleneck_known_answers():
     full = dataclasses.replace(plan, predicted={**plan.predicted, "memory": memory})
     b = _bottleneck(full, plan_timeline(full), cluster)
     assert b["bound"] == "memory" and "95%" in b["reason"]
+
+
+def test_reports_show_tp_degree_and_parts():
+    """A stage with TP shows its degree and uneven parts in inspect, diff and the compile summary."""
+    import dataclasses
+
+    from hetcompile.report import format_tp, summary
+
+    plan = _synthetic_plan(2, 2, 4)
+    plan = dataclasses.replace(plan, solver={**plan.solver, "num_variables": 0})
+    tp_plan = dataclasses.replace(plan, stages=(dataclasses.replace(plan.stages[0], tp=2, tp_parts=(3, 1)),
+                                                plan.stages[1]))
+    assert format_tp(2, (3, 1)) == "TP 2 (3:1)" and format_tp(4) == "TP 4" and format_tp(1) == ""
+    report = inspect_plan(tp_plan)
+    assert (report["stages"][0]["tp_degree"], report["stages"][0]["tp_parts"]) == (2, [3, 1])
+    assert "2 (3:1)" in format_inspect(report)
+    assert "TP 2 (3:1)" in summary(tp_plan) and "TP 2" not in summary(plan)
+    assert "stage 0 TP: none -> TP 2 (3:1)" in diff_plans(plan, tp_plan)

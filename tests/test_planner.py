@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import random
 
@@ -409,3 +410,139 @@ def test_thousand_gpus_ninety_six_layers_plans_in_seconds():
     check_decision(decision, costs, cluster)
     assert report.wall_s < 60 and report.status in ("OPTIMAL", "FEASIBLE") and 0 <= report.gap <= 1
     assert sum(len(s.devices) for s in decision.stages) >= 0.5 * cluster.num_devices
+
+
+# ---------------------------------------------------------------- tensor parallelism
+
+
+def with_tp(costs: ModelCosts, *, units: int = 8, flops_fraction: float = 0.95, param_fraction: float = 0.99):
+    """Transformer-like TP fields: ~all FLOPs and params in sharded matmuls, two all-reduces of the
+    block's output (the hidden activation) per forward, ``units`` heads."""
+    blocks = tuple(dataclasses.replace(b, tp_flops_fraction=flops_fraction, tp_param_fraction=param_fraction,
+                                       tp_comm_bytes_per_sample=2 * b.out_bytes_per_sample, tp_units=units)
+                   for b in costs.blocks)
+    return dataclasses.replace(costs, blocks=blocks)
+
+
+def check_tp_decision(decision: PlanDecision, costs: ModelCosts, cluster) -> None:
+    """Groups are whole, equal-share, and every member fits its device (the one predictor's memory)."""
+    from hetcompile.predict import predict
+
+    check_decision_groups(decision, costs)
+    predicted, _ = predict(decision, costs, cluster, decision.schedule)
+    for m in predicted["memory"]:
+        assert m["mem_bytes"] <= m["capacity_bytes"], m
+
+
+def check_decision_groups(decision: PlanDecision, costs: ModelCosts) -> None:
+    assert decision.stages[0].first_block == 0 and decision.stages[-1].last_block == costs.num_blocks - 1
+    for st in decision.stages:
+        assert len(st.devices) % st.tp == 0
+        groups = [st.shares[i:i + st.tp] for i in range(0, len(st.devices), st.tp)]
+        assert all(len(set(g)) == 1 for g in groups)
+        assert sum(g[0] for g in groups) == decision.microbatch_size
+        assert st.tp_parts == () or len(st.tp_parts) == st.tp
+
+
+def test_block_too_large_for_one_device_uses_tp():
+    """Each block holds 3 GB of parameters: 12 GB with grads and Adam, more than a 10 GB device.
+    No pipeline helps (a block is never split across stages); TP 2 halves what a device holds."""
+    costs = with_tp(make_costs(4, param_bytes=3_000_000_000, act_bytes=1e6, out_bytes=1e6, global_batch=8))
+    cluster = make_cluster([8], [], mem_GB=10)
+    decision, _ = solve(costs, cluster, num_microbatches=4)
+    assert all(st.tp >= 2 for st in decision.stages)
+    check_tp_decision(decision, costs, cluster)
+    # Every group sits inside the one node.
+    assert {cluster.devices[d].node for st in decision.stages for d in st.devices} == {0}
+    # Without TP fields (tp_units = 1) nothing fits.
+    with pytest.raises(UserError, match="fits on no plan"):
+        solve(make_costs(4, param_bytes=3_000_000_000, act_bytes=1e6, out_bytes=1e6, global_batch=8), cluster,
+              num_microbatches=4)
+
+
+def test_small_model_ample_memory_identical_devices_uses_no_tp():
+    costs = with_tp(make_costs(6, flops=1e12, param_bytes=1_000, global_batch=16))
+    cluster = make_cluster([4], [], mem_GB=80)
+    decision, report = solve(costs, cluster, num_microbatches=4)
+    assert stage_summary(decision) == [(0, 5, (0, 1, 2, 3), (1, 1, 1, 1))]
+    assert all(st.tp == 1 and st.tp_parts == () for st in decision.stages)
+    assert report.status == "OPTIMAL"
+
+
+def test_pinned_tp_two_gives_tp_two_in_every_stage():
+    costs = with_tp(make_costs(6, flops=1e12, param_bytes=1_000, global_batch=16))
+    cluster = make_cluster([4], [2], mem_GB=80)
+    decision, _ = solve(costs, cluster, num_microbatches=4, tp=2)
+    assert decision.stages and all(st.tp == 2 for st in decision.stages)
+    check_tp_decision(decision, costs, cluster)
+    # Pinned pp and dp too: exactly that shape.
+    decision, _ = solve(costs, cluster, num_microbatches=4, tp=2, pp=2, dp=1)
+    assert len(decision.stages) == 2 and all(st.tp == 2 and len(st.devices) == 2 for st in decision.stages)
+
+
+def test_mixed_tp_group_gets_parts_in_the_speed_ratio():
+    """One 3x faster device with 20 GB and one slow 10 GB device, each on its own node; a block
+    holds 12 GB with grads and Adam: neither device holds the slow device's block alone, so the
+    only plan is one TP group across the two nodes, sharded 3:1 like their speeds."""
+    costs = with_tp(make_costs(2, param_bytes=3_000_000_000, act_bytes=1e6, out_bytes=1e6, global_batch=8))
+    cluster = load_cluster({"nodes": [{"device": "Fast", "count": 1}, {"device": "Slow", "count": 1}],
+                            "devices": {"Fast": {"fp32_tflops": 30, "mem_GB": 20, "mem_GBps": 2000},
+                                        "Slow": {"fp32_tflops": 10, "mem_GB": 10, "mem_GBps": 2000}},
+                            "inter_node_GBps": 12.5})
+    decision, _ = solve(costs, cluster, num_microbatches=2)
+    (stage,) = decision.stages
+    assert (stage.tp, stage.tp_parts, stage.devices) == (2, (3, 1), (0, 1))
+    check_tp_decision(decision, costs, cluster)
+
+
+def test_tp_stage_time_and_memory_match_the_predictor():
+    """The planner's integer objective and the one predictor price a TP stage alike."""
+    from hetcompile.predict import stage_times
+
+    costs = with_tp(make_costs(4, param_bytes=3_000_000_000, act_bytes=1e6, out_bytes=1e6, global_batch=8))
+    cluster = make_cluster([8], [], mem_GB=10)
+    decision, report = solve(costs, cluster, num_microbatches=4, pp=1)
+    (stage,) = decision.stages
+    times = stage_times(decision, costs, cluster)
+    problem = _Problem(costs, cluster, 4, "1f1b", tp=stage.tp)
+    v = problem.kind_of_group([cluster.devices[d].type for d in stage.devices[:stage.tp]], stage.tp_parts)
+    units = stage.shares[0] * problem.kind_units(v, 0, 3) + problem.kind_fixed(v, 0, 3)
+    assert times["fwd_s"][0] + times["bwd_s"][0] == pytest.approx(units / TIME_UNITS_PER_S, rel=1e-6)
+    assert step_time_s(decision, costs, cluster, "1f1b") == pytest.approx(report.objective_s, rel=1e-6)
+
+
+def test_tp_ilp_matches_brute_force():
+    costs = with_tp(make_costs(3, flops=[1e11, 2e11, 1e11], param_bytes=[2_000_000_000, 3_000_000_000, 1_000_000_000],
+                               act_bytes=1e8, out_bytes=1e7, global_batch=4), units=2)
+    cluster = make_cluster([2], [2], mem_GB=20)
+    _, expected_s = brute_force(costs, cluster, num_microbatches=2, schedule="1f1b")
+    decision, report = solve(costs, cluster, num_microbatches=2, schedule="1f1b")
+    assert report.objective_s == expected_s
+    check_tp_decision(decision, costs, cluster)
+
+
+def test_tp_never_on_blocks_that_do_not_split():
+    """An embedding-like first block with tp_units = 1 never sits in a TP stage."""
+    costs = with_tp(make_costs(4, param_bytes=3_000_000_000, act_bytes=1e6, out_bytes=1e6, global_batch=8))
+    costs = dataclasses.replace(costs, blocks=(dataclasses.replace(costs.blocks[0], tp_units=1, param_bytes=1_000),)
+                                + costs.blocks[1:])
+    cluster = make_cluster([8], [], mem_GB=10)
+    decision, _ = solve(costs, cluster, num_microbatches=4)
+    assert decision.stages[0].tp == 1 and decision.stages[0].last_block == 0
+    assert all(st.tp >= 2 for st in decision.stages[1:])
+    check_tp_decision(decision, costs, cluster)
+
+
+def test_pinned_shapes_that_cannot_fit_raise_user_errors():
+    costs = with_tp(make_costs(4, param_bytes=3_000_000_000, act_bytes=1e6, out_bytes=1e6, global_batch=8), units=4)
+    cluster = make_cluster([8], [], mem_GB=10)
+    with pytest.raises(UserError, match=r"pinned shape \(tp=1, pp=any, dp=any\) fits no plan.*raise --tp or --pp"):
+        solve(costs, cluster, num_microbatches=4, tp=1)
+    with pytest.raises(UserError, match="needs at least 16 devices"):
+        solve(costs, cluster, num_microbatches=4, tp=2, pp=4, dp=2)
+    with pytest.raises(UserError, match=r"--tp 8 splits every stage 8 ways.*Pin --tp 4 or less"):
+        solve(costs, cluster, num_microbatches=4, tp=8)
+    with pytest.raises(UserError, match="--pp 5 asks for 5 pipeline stages, but the model has 4 blocks"):
+        solve(costs, cluster, num_microbatches=4, pp=5)
+    with pytest.raises(UserError, match="--dp 4 asks for 4 data-parallel replicas"):
+        solve(costs, cluster, num_microbatches=4, dp=4)

@@ -160,3 +160,60 @@ def test_cli_profile_writes_a_loadable_file(tmp_path):
     assert p.device == "cpu" and p.flops_per_s("fp32") > 0 and p.comm is None
     c = load_cluster({"nodes": [{"device": "CPU", "count": 1}], "devices": {"CPU": {"profile": str(out)}}})
     assert dataclasses.replace(c.type_of("CPU"), profile=None) != c.type_of("CPU")
+
+
+def test_block_profile_times_each_distinct_block_and_the_predictor_uses_it(tmp_path, examples):
+    from hetcompile.block_profile import block_signatures, measure_blocks
+    from hetcompile.compiler import analyze
+
+    cap, costs = analyze(examples / "mlp.py")
+    sigs = [b.signature for b in costs.blocks]
+    assert sigs == block_signatures(cap, costs) and all(sigs)
+    # Linear, GELU, Linear, ... : identical layers share one signature (and one measurement).
+    assert sigs[0] == sigs[2] == sigs[10] and sigs[1] == sigs[3] and sigs[0] != sigs[1]
+    assert len(set(sigs)) == 4  # Linear 64->64, GELU, Linear 64->1, loss
+
+    times, (call_fwd_s, call_bwd_s) = measure_blocks(examples / "mlp.py", sizes=(1, 4), min_run_time_s=0.002,
+                                                     min_rounds=2, analyzed=(cap, costs))
+    assert 0 < call_fwd_s < 1e-2 and 0 < call_bwd_s < 1e-2
+    assert sorted(t.signature for t in times) == sorted(set(sigs))
+    linear = next(t for t in times if t.signature == sigs[0])
+    assert [n for n, _, _ in linear.samples] == [1, 4]
+    assert linear.fwd_fixed_s + linear.fwd_per_sample_s > 0 and linear.bwd_fixed_s + linear.bwd_per_sample_s > 0
+
+    # The profile file keeps them, and the cost model prices a measured block by them alone.
+    p = dataclasses.replace(_profile(), block_times=times)
+    save_profile(p, tmp_path / "p.json")
+    assert load_profile(tmp_path / "p.json") == p
+    cpu = load_cluster({"nodes": [{"device": "CPU", "count": 2}], "devices": {"CPU": {"profile": p.to_json()}}})
+    t = cpu.type_of("CPU")
+    assert block_time_s(costs.blocks[0], t, "fp32", samples=4) == (linear.fwd_per_sample_s, linear.bwd_per_sample_s)
+    assert block_overhead_s(costs.blocks[0], t) == (linear.fwd_fixed_s, linear.bwd_fixed_s)
+    decision = PlanDecision(stages=(StageDecision(0, 0, (0,), (4,)), StageDecision(1, costs.num_blocks - 1, (1,), (4,))),
+                            num_microbatches=8, microbatch_size=4)
+    predicted, _ = predict(decision, costs, cpu, "gpipe")
+    assert predicted["stages"][0]["fwd_s"] == pytest.approx(linear.call_time_s(4)[0])
+    assert predicted["stages"][0]["bwd_s"] == pytest.approx(linear.call_time_s(4)[1])
+    # A block the profile has not measured keeps the kernel-level model.
+    unmeasured = dataclasses.replace(costs.blocks[0], signature="not-measured")
+    assert block_overhead_s(unmeasured, t) == (unmeasured.num_ops * p.op_fwd_overhead_s,
+                                               unmeasured.num_grad_ops * p.op_bwd_overhead_s)
+
+
+def test_a_receive_posted_late_waits_for_its_notice_to_reach_the_sender():
+    from hetcompile.schedule import gpipe, simulate
+
+    times = dict(fwd_s=[1.0, 1.0], bwd_s=[2.0, 2.0], send_fwd_s=[0.5, 0.0], send_bwd_s=[0.0, 0.5],
+                 allreduce_s=[0.0, 0.0])
+    start = {}
+    for notice in (None, 0.25):
+        notices = {} if notice is None else dict(notice_fwd_s=[notice, 0.0], notice_bwd_s=[0.0, notice])
+        tl = simulate(gpipe(2, 2), **times, **notices)
+        start[notice] = {(sp.stage, sp.kind, sp.microbatch): sp.start_s for sp in tl.spans}
+    # Stage 1 posts the receive of micro-batch 1 when its forward of 0 ends (2.5 s); the data,
+    # ready at 2 s, leaves once the notice is there: 2.5 + 0.25, and arrives 0.5 s later.
+    # Without notices it left at 2 s and was there at 2.5 s.
+    assert start[None][1, "F", 1] == pytest.approx(2.5)
+    assert start[0.25][1, "F", 1] == pytest.approx(3.25)
+    # The first receive is posted at the start of the step, long before the data.
+    assert start[0.25][1, "F", 0] == start[None][1, "F", 0] == pytest.approx(1.5)
