@@ -22,8 +22,8 @@ STEPS = 3
 CLUSTER = {"nodes": [{"device": "A100-80GB", "count": 4}, {"device": "V100-32GB", "count": 4}]}
 
 
-def _train_and_compare(mf, decision, tmp_path, schedule="1f1b"):
-    plan = hetcompile.compile(mf, CLUSTER, schedule=schedule, decision=decision)
+def _train_and_compare(mf, decision, tmp_path, schedule="1f1b", **pins):
+    plan = hetcompile.compile(mf, CLUSTER, schedule=schedule, decision=decision, **pins)
     out = plan.save(tmp_path / "plan")
     params = tmp_path / "params.pt"
     losses = run(out, steps=STEPS, save_params=params)
@@ -85,6 +85,13 @@ def test_tp_pp_dp_on_8_ranks_trains_like_one_device(examples, tmp_path):
     assert plan.world_size == 8 and [s.tp for s in plan.stages] == [2, 2, 1]
     embedding = next(p for p in plan.stages[0].param_shards if p.param == "model.embed_tokens.weight")
     assert embedding.dim == 0 and embedding.ranges == (((0, 256),), ((256, 512),))  # split by vocabulary
+
+
+def test_planned_tp_plan_trains_like_one_device(examples, tmp_path):
+    """The user's path: `--tp 2` pinned, the planner fills in the rest, and the plan trains right."""
+    mf = load_model_file(examples / "gpt2.py")
+    plan = _train_and_compare(mf, None, tmp_path, schedule="auto", tp=2)
+    assert all(st.tp == 2 for st in plan.stages)
 
 
 def _analysis(examples, model, parts):
