@@ -302,14 +302,13 @@ def merge_params(plan: Plan, plan_dir: Path, shards: Path) -> dict[str, torch.Te
     """The full state dict, keyed as ``get_model().state_dict()``, from the ranks' parameter files."""
     from hetcompile.modelfile import load_model_file
 
+    saved = {r.rank: torch.load(shards / f"rank_{r.rank}.pt", weights_only=True) for r in plan.ranks}
     trained: dict[str, torch.Tensor] = {}
-    for r in plan.ranks:
-        trained.update(torch.load(shards / f"rank_{r.rank}.pt", weights_only=True))
+    for state in saved.values():
+        trained.update(state)
     for st in plan.stages:  # tensor-parallel slices, from the members of the first replica
-        if st.param_shards:
-            members = [torch.load(shards / f"rank_{r}.pt", weights_only=True) for r in st.ranks[:st.tp]]
-            for p in st.param_shards:
-                trained[p.param] = tp.full_param([m[p.param] for m in members], p.dim, p.ranges)
+        for p in st.param_shards:
+            trained[p.param] = tp.full_param([saved[r][p.param] for r in st.ranks[:st.tp]], p.dim, p.ranges)
     model = load_model_file(plan_dir / "model.py").build_model(plan.seed)
     # Tied parameters appear under several names; the plan trains each under one of them.
     canonical = {}

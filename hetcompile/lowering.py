@@ -29,7 +29,7 @@ import torch.fx
 
 from hetcompile.capture import Captured
 from hetcompile.errors import UserError
-from hetcompile.plan import (GradGroup, ParamShard, Plan, RankSpec, SCHEMA_VERSION, StageInput, StageSpec, ValueSpec,
+from hetcompile.plan import (GradGroup, Plan, RankSpec, SCHEMA_VERSION, StageInput, StageSpec, ValueSpec,
                              fingerprint)
 from hetcompile.runtime import tp
 from hetcompile.schedule import make_schedule
@@ -165,7 +165,7 @@ def assign_ranks(decision, cluster) -> tuple[list[RankSpec], list[int]]:
     rank_of = {d: r for r, d in enumerate(used)}
     ranks = []
     for s, st in enumerate(decision.stages):
-        t = getattr(st, "tp", 1)
+        t = st.tp
         # A replica is a tensor-parallel group of t devices (one device without TP); its members
         # keep their order, which matches tp_parts.
         groups = sorted((range(i, i + t) for i in range(0, len(st.devices), t)),
@@ -236,8 +236,7 @@ def split_stages(cap: Captured, stage_of, decision, ranks: list[RankSpec], block
                                 ranks=tuple(r.rank for r in stage_ranks),
                                 shares=tuple(r.sample_hi - r.sample_lo for r in stage_ranks),
                                 inputs=tuple(inputs), outputs=tuple(n.name for n in outs),
-                                recompute=st.recompute, tp=getattr(st, "tp", 1),
-                                tp_parts=tuple(getattr(st, "tp_parts", ()))))
+                                recompute=st.recompute, tp=st.tp, tp_parts=tuple(st.tp_parts)))
     value_specs = []
     for n, consumers in values.items():
         val = n.meta["val"]
@@ -292,7 +291,7 @@ def split_operators(cap: Captured, graphs: list[torch.fx.Graph], stages: list[St
         member_graphs.append([rank_graph(g, analysis, j) for j in range(st.tp)])
         left = tuple(f"{_op_label(n, target)}: {analysis.left_whole[n.name]}"
                      for n in g.nodes if n.name in analysis.left_whole)
-        shards = tuple(sorted((ParamShard(target[p.placeholder], p.dim, p.ranges) for p in analysis.params.values()),
+        shards = tuple(sorted((dataclasses.replace(p, param=target[p.param]) for p in analysis.params.values()),
                               key=lambda p: p.param))
         out.append(dataclasses.replace(st, param_shards=shards, left_whole=left))
     return member_graphs, out

@@ -636,14 +636,17 @@ class _Problem:
         cheapest_send = min(self.send[1:nb]) if nb > 1 else 0
         return self.num_microbatches * self.min_bottleneck_units() + 2 * (num_stages - 1) * cheapest_send
 
-    def no_fit_error(self, max_stages: int) -> UserError:
+    def memory_facts(self) -> str:
+        """The model's weight memory against the largest device, for no-fit errors."""
         total_params = self.param_bytes(0, self.num_blocks - 1)
         static = STATIC_BYTES_PER_PARAM_BYTE * total_params
         largest = max(self.types, key=lambda t: t.mem_bytes)
+        return (f"{total_params / 1e9:.3g} GB of parameters ({static / 1e9:.3g} GB with gradients and Adam state, "
+                f"before activations), and the largest device ({largest.name}) has {largest.mem_GB:g} GB")
+
+    def no_fit_error(self, max_stages: int) -> UserError:
         return UserError(
-            f"The model fits on no plan for this cluster: it has {total_params / 1e9:.3g} GB of parameters "
-            f"({static / 1e9:.3g} GB with gradients and Adam state, before activations), and the largest "
-            f"device ({largest.name}) has {largest.mem_GB:g} GB. No split into at most {max_stages} pipeline "
+            f"The model fits on no plan for this cluster: it has {self.memory_facts()}. No split into at most {max_stages} pipeline "
             f"stage(s) with micro-batches of {self.microbatch_size} sample(s) fits every device"
             f"{'' if not self.allow_recompute else ', even with activation recompute'}. Fixes: add "
             "devices (more stages give each device fewer layers), use more micro-batches or a smaller global "
@@ -1387,14 +1390,9 @@ def _shape_text(tp, pp, dp) -> str:
 
 
 def _pinned_no_fit_error(problem: _Problem, tp, pp, dp) -> UserError:
-    total_params = problem.param_bytes(0, problem.num_blocks - 1)
-    static = STATIC_BYTES_PER_PARAM_BYTE * total_params
-    largest = max(problem.types, key=lambda t: t.mem_bytes)
     return UserError(
         f"The pinned shape ({_shape_text(tp, pp, dp)}) fits no plan on this cluster: with these pins some device "
-        f"runs out of memory or devices run out. The model has {total_params / 1e9:.3g} GB of parameters "
-        f"({static / 1e9:.3g} GB with gradients and Adam state, before activations), and the largest device "
-        f"({largest.name}) has {largest.mem_GB:g} GB. Fixes: raise --tp or --pp (each device holds a smaller slice "
+        f"runs out of memory or devices run out. The model has {problem.memory_facts()}. Fixes: raise --tp or --pp (each device holds a smaller slice "
         "of the model), lower --dp (fewer devices per stage leave more for the others), add devices, or leave "
         "the pins out to let the planner choose."
     )

@@ -40,6 +40,7 @@ import sympy
 import torch
 import torch.fx
 
+from hetcompile.plan import ParamShard
 from hetcompile.runtime import tp
 
 aten = torch.ops.aten
@@ -69,20 +70,10 @@ class Shard:
         return Shard(dim, self.index if index is None else index, self.origins)
 
 
-@dataclass(frozen=True)
-class ParamShard:
-    """A parameter split along ``dim``; rank r holds the indices in ``ranges[r]`` (half-open intervals)."""
-
-    placeholder: str
-    dim: int
-    ranges: tuple[tuple[tuple[int, int], ...], ...]
-
-
 @dataclass
 class TPAnalysis:
-    parts: tuple[int, ...]
     layouts: dict  # node -> Shard | None | list of chunk layouts (split)
-    params: dict[str, ParamShard]  # placeholder name -> how it is split
+    params: dict[str, ParamShard]  # placeholder name -> how it is split (``param``: the placeholder name)
     rewrites: dict  # node -> (rank, env, builder) -> new node
     left_whole: dict[str, str]  # matmul node -> why its split was dropped
     column: dict[str, int] = field(default_factory=dict)  # column-split matmul -> units (heads, features)
@@ -104,7 +95,7 @@ def partition(graph: torch.fx.Graph, parts: tuple[int, ...], shardable: set[str]
         if not prop.poisoned:
             # A matmul dropped as a column split may still be split by rows in the end.
             left_whole = {k: v for k, v in left_whole.items() if k not in prop.column and k not in prop.row}
-            return TPAnalysis(parts, prop.layouts, prop.params, prop.rewrites, left_whole, prop.column, prop.row)
+            return TPAnalysis(prop.layouts, prop.params, prop.rewrites, left_whole, prop.column, prop.row)
         for origin, reason in prop.poisoned.items():
             left_whole.setdefault(origin, reason)
         seeds -= set(prop.poisoned)
@@ -190,10 +181,6 @@ class _Builder:
 def _shape(n) -> tuple:
     val = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
-
-
-def _static(d) -> int | None:
-    return d if isinstance(d, int) else None
 
 
 def _linear_weight(n: torch.fx.Node, shardable: set[str]):
@@ -331,8 +318,8 @@ class _Propagation:
             return None
         if lay is not None or n.name not in self.seeds:
             return self.unknown(n, f"{_op_name(n)} has no rule for this input")
-        size = _static(_shape(w)[out_dim])
-        if size is None:
+        size = _shape(w)[out_dim]
+        if not isinstance(size, int):
             return None
         groups, inner = self.structure(n, len(_shape(n)) - 1, size)
         units = size // (groups * inner)
@@ -537,7 +524,7 @@ class _Propagation:
         dim = _dim_arg(n, 2, 0) % len(shape)
         size = shape[dim]
         if dim != lay.dim:
-            return [lay] * len(_shape_list(n))
+            return [lay] * len(n.meta["val"])
         if n.target is aten.split.Tensor:
             chunk = n.args[1]
             sizes = [min(chunk, size - s) for s in range(0, size, chunk)]
@@ -563,8 +550,7 @@ class _Propagation:
         first = lays[0]
         if dim != first.dim:
             if all(lay.same_split(first) for lay in lays):
-                return first.moved(first.dim, None) if len(lays) == 1 else Shard(
-                    first.dim, first.index, frozenset().union(*(lay.origins for lay in lays)))
+                return Shard(first.dim, first.index, frozenset().union(*(lay.origins for lay in lays)))
             return self.unknown(n, "cat of tensors split differently")
         if any(lay.dim != dim for lay in lays):
             return self.unknown(n, "cat of tensors split on different dims")
@@ -654,10 +640,6 @@ def _op_name(n: torch.fx.Node) -> str:
 
 def _dim_arg(n: torch.fx.Node, pos: int, default: int) -> int:
     return n.args[pos] if len(n.args) > pos else n.kwargs.get("dim", default)
-
-
-def _shape_list(n: torch.fx.Node) -> list:
-    return list(n.meta.get("val") or [])
 
 
 def _resize(n: torch.fx.Node, pos: int, dim: int, index) -> callable:

@@ -42,6 +42,11 @@ def _check_equivalence(model_file, schedule, tmp_path, recompute=False):
     plan = hetcompile.compile(mf, CLUSTER, schedule=schedule, decision=decision)
     assert len(plan.stages) >= 2 and plan.world_size >= 4
     assert any(len(set(s.shares)) > 1 for s in plan.stages), "a data-parallel stage with uneven shares"
+    assert_trains_like_one_device(plan, mf, tmp_path)
+
+
+def assert_trains_like_one_device(plan, mf, tmp_path):
+    """Train ``plan`` for STEPS steps on gloo ranks; losses and final parameters equal one-device training."""
     out = plan.save(tmp_path / "plan")
     params = tmp_path / "params.pt"
     losses = run(out, steps=STEPS, save_params=params)

@@ -13,26 +13,17 @@ import hetcompile
 from hetcompile.compiler import analyze
 from hetcompile.errors import UserError
 from hetcompile.launch import run
-from hetcompile.modelfile import load_model_file, reference_training
+from hetcompile.modelfile import load_model_file
 from hetcompile.planner import PlanDecision, StageDecision
 from hetcompile.runtime import tp
 from passes.partition_ops import partition, ranges_of, rank_graph, split_units
-
-STEPS = 3
+from test_end_to_end import assert_trains_like_one_device
 CLUSTER = {"nodes": [{"device": "A100-80GB", "count": 4}, {"device": "V100-32GB", "count": 4}]}
 
 
 def _train_and_compare(mf, decision, tmp_path, schedule="1f1b", **pins):
     plan = hetcompile.compile(mf, CLUSTER, schedule=schedule, decision=decision, **pins)
-    out = plan.save(tmp_path / "plan")
-    params = tmp_path / "params.pt"
-    losses = run(out, steps=STEPS, save_params=params)
-    ref_losses, ref_state = reference_training(mf, steps=STEPS, seed=0)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
-    state = torch.load(params, weights_only=True)
-    assert state.keys() == ref_state.keys()
-    for k in ref_state:
-        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert_trains_like_one_device(plan, mf, tmp_path)
     return plan
 
 

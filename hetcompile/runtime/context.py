@@ -102,6 +102,7 @@ class RankContext:
         self.params: dict[str, torch.Tensor] = {}
         self.fixed: dict[str, torch.Tensor] = {}
         shards = {p.param: p for p in self.stage_spec.param_shards}
+        self.split_params = set(shards)  # tensor parallel: this member holds a slice of these
         for inp in self.stage_spec.inputs:
             if inp.kind == "param" and inp.target not in self.params:
                 p = model.get_parameter(inp.target)
@@ -274,8 +275,7 @@ class RankContext:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.stage_spec.tp > 1:
             # A whole parameter has the same gradient on every member of the TP group: each adds 1/tp.
-            split = {p.param for p in self.stage_spec.param_shards}
-            grads = [g if name in split else g / self.stage_spec.tp for name, g in zip(group.params, grads)]
+            grads = [g if name in self.split_params else g / self.stage_spec.tp for name, g in zip(group.params, grads)]
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=self.groups[group.ranks])
         for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
