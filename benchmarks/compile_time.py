@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -100,6 +101,7 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     rows = [LADDER[int(i)] for i in args.rows.split(",")]
+    load_at_start = os.getloadavg()[0]
     results = []
     print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,8 +116,9 @@ def main() -> int:
     if not args.no_write:
         command = "`.venv/bin/python benchmarks/compile_time.py" + (
             f" --rows {args.rows}`" if len(rows) != len(LADDER) else "`")
-        lines = [SECTION, "", f"Produced by {command} on the 2-core development machine (shared with other "
-                 "jobs, so times are upper bounds). Wall time is the whole `hetcompile` process, imports included.",
+        lines = [SECTION, "", f"Produced by {command} on the 2-core development machine (1-minute load average "
+                 f"{load_at_start:.2f} at the start; others' jobs would inflate the times). Wall time is the whole "
+                 "`hetcompile` process, imports included.",
                  "", HEADER, RULE] + [fmt(r) for r in results] + [""]
         _write_any_section("\n".join(lines), SECTION)
     return 0
