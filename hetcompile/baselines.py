@@ -61,7 +61,8 @@ def _type_speed(costs: ModelCosts, cluster: Cluster, name: str) -> float:
 
 
 def _schedules(schedule: str) -> tuple[str, ...]:
-    return ("gpipe", "1f1b") if schedule == "auto" else (schedule,)
+    # A homogeneous trainer's even split runs one stage per device group: interleaved means 1F1B here.
+    return ("gpipe", "1f1b") if schedule == "auto" else ("1f1b",) if schedule == "interleaved" else (schedule,)
 
 
 def _microbatch_counts(costs: ModelCosts, num_microbatches: int | None) -> list[int]:
@@ -148,7 +149,9 @@ def fastest_type_only(costs: ModelCosts, cluster: Cluster, *, num_microbatches: 
     for name in names:  # the fastest type may not hold the model; then the next fastest
         sub, index = sub_cluster(cluster, name)
         try:
-            decision, _ = solve(costs, sub, num_microbatches=num_microbatches, schedule=schedule,
+            # One type alone may be best without interleaving: "interleaved" lets it choose (as "auto").
+            decision, _ = solve(costs, sub, num_microbatches=num_microbatches,
+                                schedule="auto" if schedule == "interleaved" else schedule,
                                 time_limit_s=_BASELINE_TIME_LIMIT_S, seed=seed)
         except UserError as e:
             errors.append(str(e))
@@ -166,7 +169,9 @@ def per_type_samples_per_s(costs: ModelCosts, cluster: Cluster, *, num_microbatc
     for t in cluster.device_types:
         sub, _ = sub_cluster(cluster, t.name)
         try:
-            decision, _ = solve(costs, sub, num_microbatches=num_microbatches, schedule=schedule,
+            # One type alone may be best without interleaving: "interleaved" lets it choose (as "auto").
+            decision, _ = solve(costs, sub, num_microbatches=num_microbatches,
+                                schedule="auto" if schedule == "interleaved" else schedule,
                                 time_limit_s=_BASELINE_TIME_LIMIT_S, seed=seed)
         except UserError:
             out[t.name] = 0.0

@@ -47,8 +47,9 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file defining get_model() and get_batch(step)")
     p.add_argument("--cluster", required=True, help="cluster spec (JSON)")
     p.add_argument("-o", "--out", required=True, help="output directory for plan.json and the programs")
-    p.add_argument("--schedule", default="auto", choices=["auto", "gpipe", "1f1b"],
-                   help="pipeline schedule (default auto: the planner picks the faster that fits)")
+    p.add_argument("--schedule", default="auto", choices=["auto", "gpipe", "1f1b", "interleaved"],
+                   help="pipeline schedule (default auto: the planner picks the fastest that fits; interleaved: "
+                        "1F1B with each device group running several stages)")
     p.add_argument("--microbatches", type=_positive_int, default=None,
                    help="micro-batches per step (default: the planner chooses among divisors of the batch)")
     p.add_argument("--max-stages", type=_positive_int, default=None, help="most pipeline stages the planner may use")

@@ -160,7 +160,11 @@ def _alternatives(plan, cluster, time_limit_s: float) -> list[dict]:
          lambda: baselines.fastest_type_only(costs, cluster, num_microbatches=m, schedule=schedule,
                                              seed=plan.seed)),
     ]
-    if num_stages > 1:
+    if schedule == "interleaved":
+        candidates.append(("not interleaved", "the planner's best 1F1B plan, one stage per device group",
+                           lambda: solve(costs, cluster, num_microbatches=m, schedule="1f1b",
+                                         time_limit_s=time_limit_s, seed=plan.seed)[0]))
+    elif num_stages > 1:
         candidates.append((f"at most {num_stages - 1} stage{'s' if num_stages > 2 else ''}",
                            "the planner's best plan with one fewer pipeline stage",
                            lambda: solve(costs, cluster, num_microbatches=m, schedule=schedule,
@@ -177,7 +181,7 @@ def _alternatives(plan, cluster, time_limit_s: float) -> list[dict]:
             entry["reason"] = f"not possible: {str(e).split('. ')[0].rstrip('.')}"
             out.append(entry)
             continue
-        predicted, timeline = predict(decision, costs, cluster, schedule)
+        predicted, timeline = predict(decision, costs, cluster, decision.schedule)
         step_s = predicted["step_time_s"]
         entry.update(step_time_s=step_s, samples_per_s=predicted["samples_per_s"],
                      num_stages=len(decision.stages),
@@ -211,6 +215,10 @@ def _why_lost(plan, decision, predicted, timeline, cluster) -> str:
     if step_s < mine_s * (1 - 1e-6) and plan.solver.get("status") == "PINNED":
         return (f"predicted {(1 - step_s / mine_s) * 100:.1f}% faster: this plan's decision was pinned by hand "
                 "(compile(..., decision=...)), not chosen by the planner")
+    if step_s < mine_s * (1 - 1e-6) and plan.schedule == "interleaved" != decision.schedule:
+        return (f"predicted {(1 - step_s / mine_s) * 100:.1f}% faster: the interleaved schedule was asked for, and "
+                "its extra transfers cost more here than the fill and drain it saves; --schedule auto takes the "
+                "faster")
     if step_s < mine_s * (1 - 1e-6):
         return (f"predicted {(1 - step_s / mine_s) * 100:.1f}% faster by the simulator; the planner's objective "
                 "(fill-drain plus M-1 times the slowest stage, transfers priced at inter-node speed) ranked it "

@@ -51,7 +51,7 @@ def inspect_plan(plan) -> dict:
             "peak_in_flight": pred["peak_in_flight"],
         })
     memory = [{"device_index": m["device_index"], "device_type": m["device_type"],
-               "rank": rank_of_device.get(m["device_index"]), "stage": m["stage"], "mem_bytes": m["mem_bytes"],
+               "rank": rank_of_device.get(m["device_index"]), "stages": m["stages"], "mem_bytes": m["mem_bytes"],
                "capacity_bytes": m["capacity_bytes"],
                "fraction": m["mem_bytes"] / m["capacity_bytes"] if m["capacity_bytes"] else 0.0}
               for m in p["memory"]]
@@ -147,7 +147,7 @@ def format_inspect(report: dict) -> str:
     lines += ["", "memory per device (peak: weights, grads, optimizer state, activations in flight)"]
     for m in report["memory"]:
         bar = _bar(m["fraction"])
-        lines.append(f"  device {m['device_index']:<4}r{m['rank']:<4}{m['device_type']:<12}stage {m['stage']:<4}"
+        lines.append(f"  device {m['device_index']:<4}r{m['rank']:<4}{m['device_type']:<12}stage {'+'.join(map(str, m['stages'])):<4}"
                      f"{format_bytes(m['mem_bytes']):>10} of {format_bytes(m['capacity_bytes']):<10}"
                      f"{bar} {m['fraction'] * 100:5.1f}%")
     if report["idle_devices"]:

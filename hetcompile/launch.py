@@ -65,10 +65,6 @@ def run(plan_dir: str | Path, *, steps: int, save_params: str | Path | None = No
     _check_flags(steps=steps, timeout_s=timeout_s, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
     plan_dir = Path(plan_dir)
     plan = load(plan_dir)
-    if (checkpoint_dir or resume) and any(st.tp > 1 for st in plan.stages):
-        raise UserError(f"The plan in {plan_dir} splits operators across tensor-parallel groups, and hetcompile "
-                        "cannot checkpoint or resume tensor-parallel plans yet. Run it without --checkpoint-dir "
-                        "and --resume, or compile a plan without tensor parallelism (--tp 1) to checkpoint.")
     start = _resume_step(plan, plan_dir, steps=steps, resume=resume) if resume else 0
     stream = stream or sys.stdout
     with tempfile.TemporaryDirectory(prefix="hetcompile-run-") as scratch:
@@ -295,7 +291,7 @@ def _describe(plan: Plan, rank: int) -> str:
     if not 0 <= rank < plan.world_size:
         return ""
     r = plan.ranks[rank]
-    return f" ({r.device_type}, stage {r.stage})"
+    return f" ({r.device_type}, stage {'+'.join(map(str, r.stages))})"
 
 
 def merge_params(plan: Plan, plan_dir: Path, shards: Path) -> dict[str, torch.Tensor]:

@@ -48,7 +48,8 @@ def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_f
     member_graphs, stages = split_operators(cap, graphs, stages, block_names)
     groups = grad_groups(stages)
     num_stages = len(stages)
-    actions = make_schedule(schedule, num_stages, decision.num_microbatches)
+    chunks = len(ranks[0].stages)
+    actions = make_schedule(schedule, num_stages, decision.num_microbatches, chunks)
     cluster_json = cluster.to_json()
     fp = fingerprint(cluster_json, [s.__dict__ for s in decision.stages], schedule, decision.num_microbatches,
                      seed, model_source, [str(g) for gs in member_graphs for g in gs],
@@ -60,7 +61,7 @@ def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_f
                 loss=loss, idle_devices=tuple(idle), predicted=predicted, solver=solver)
     sources: dict = {f"{stage_module(s, j)}.py": emit_stage(plan, s, g, j)
                      for s in stages for j, g in enumerate(member_graphs[s.index])}
-    sources.update({f"rank_{r.rank}.py": emit_rank(plan, r, actions[r.stage]) for r in ranks})
+    sources.update({f"rank_{r.rank}.py": emit_rank(plan, r, actions[r.stages[0] % len(actions)]) for r in ranks})
     sources["main.py"] = MAIN_PY
     sources["launch.sh"] = emit_launch(plan)
     sources["model.py"] = model_source
@@ -159,12 +160,24 @@ def localize_sizes(cap: Captured, stage_of: dict[torch.fx.Node, int]) -> None:
 
 
 def assign_ranks(decision, cluster) -> tuple[list[RankSpec], list[int]]:
-    """Number the used devices in cluster order (node by node, as torchrun numbers ranks)."""
+    """Number the used devices in cluster order (node by node, as torchrun numbers ranks).
+
+    Stages on the same devices (the interleaved schedule) share their ranks: each
+    rank lists all of its stages.
+    """
     devices = cluster.devices
-    used = sorted(d for st in decision.stages for d in st.devices)
+    used = sorted({d for st in decision.stages for d in st.devices})
     rank_of = {d: r for r, d in enumerate(used)}
-    ranks = []
+    stages_of: dict[tuple[int, ...], list[int]] = {}
     for s, st in enumerate(decision.stages):
+        stages_of.setdefault(st.devices, []).append(s)
+    ranks = []
+    for group_stages in stages_of.values():
+        st = decision.stages[group_stages[0]]
+        if any((o.shares, o.tp, o.tp_parts) != (st.shares, st.tp, st.tp_parts)
+               for o in (decision.stages[s] for s in group_stages)):
+            raise ValueError(f"Stages {group_stages} run on the same devices with different shares or TP: "
+                             "interleaved stages must split every micro-batch alike")
         t = st.tp
         # A replica is a tensor-parallel group of t devices (one device without TP); its members
         # keep their order, which matches tp_parts.
@@ -176,7 +189,7 @@ def assign_ranks(decision, cluster) -> tuple[list[RankSpec], list[int]]:
             for member, i in enumerate(group):
                 d = st.devices[i]
                 ranks.append(RankSpec(rank=rank_of[d], device_index=d, device_type=devices[d].type,
-                                      node=devices[d].node, stage=s, replica=replica,
+                                      node=devices[d].node, stages=tuple(group_stages), replica=replica,
                                       sample_lo=lo, sample_hi=lo + share, tp_rank=member))
             lo += share
     ranks.sort(key=lambda r: r.rank)
@@ -230,7 +243,7 @@ def split_stages(cap: Captured, stage_of, decision, ranks: list[RankSpec], block
         g.lint()
         graphs.append(g)
         st = decision.stages[s]
-        stage_ranks = sorted((r for r in ranks if r.stage == s), key=lambda r: (r.replica, r.tp_rank))
+        stage_ranks = sorted((r for r in ranks if s in r.stages), key=lambda r: (r.replica, r.tp_rank))
         stages.append(StageSpec(index=s, first_block=st.first_block, last_block=st.last_block,
                                 block_names=tuple(block_names[st.first_block:st.last_block + 1]),
                                 ranks=tuple(r.rank for r in stage_ranks),
@@ -359,8 +372,8 @@ class Messages:
     send_grad: list[Transfer]  # gradients of inputs, after backward
 
 
-def transfers(plan: Plan, rank: RankSpec) -> Messages:
-    """The messages of ``rank`` for each micro-batch.
+def transfers(plan: Plan, rank: RankSpec) -> dict[int, Messages]:
+    """The messages of ``rank`` for each micro-batch, per stage it runs.
 
     A batched value moves the overlap of the producer's and consumer's sample
     ranges; a value without the batch goes whole, from producer replica
@@ -369,30 +382,40 @@ def transfers(plan: Plan, rank: RankSpec) -> Messages:
     j receives from producer member ``j % producer tp``, and the gradient goes
     back to producer member i from consumer member ``i % consumer tp``: each
     piece once. Without TP, backward mirrors forward.
+
+    A rank that runs several stages (interleaved) moves each value once: it
+    receives it before the first of its stages that reads it and sends the summed
+    gradient after the last backward among them; a value made and read on the same
+    rank moves in memory (RankContext).
     """
     by_rank = {r.rank: r for r in plan.ranks}
-    msgs = Messages([], [], [], [])
+    msgs = {s: Messages([], [], [], []) for s in rank.stages}
     for v in plan.values:
         prod = plan.stages[v.producer]
-        if rank.stage in v.consumers:
-            cons = plan.stages[rank.stage]
+        mine = [c for c in v.consumers if c in rank.stages]
+        if mine and v.producer not in rank.stages:
+            cons = plan.stages[mine[0]]
             for p in (by_rank[r] for r in prod.ranks):
                 lo, hi = _overlap(v, p, rank, prod)
                 if lo < hi:
                     if p.tp_rank == rank.tp_rank % prod.tp:
-                        msgs.recv.append(Transfer(v.name, p.rank, lo, hi))
+                        msgs[mine[0]].recv.append(Transfer(v.name, p.rank, lo, hi))
                     if v.requires_grad and rank.tp_rank == p.tp_rank % cons.tp:
-                        msgs.send_grad.append(Transfer(v.name, p.rank, lo, hi))
-        if rank.stage == v.producer:
+                        msgs[mine[0]].send_grad.append(Transfer(v.name, p.rank, lo, hi))
+        if v.producer in rank.stages:
+            readers: dict[int, int] = {}  # consumer rank -> the first stage of it that reads v
             for c_stage in v.consumers:
-                cons = plan.stages[c_stage]
-                for c in (by_rank[r] for r in cons.ranks):
-                    lo, hi = _overlap(v, rank, c, prod)
-                    if lo < hi:
-                        if rank.tp_rank == c.tp_rank % prod.tp:
-                            msgs.send.append(Transfer(v.name, c.rank, lo, hi))
-                        if v.requires_grad and c.tp_rank == rank.tp_rank % cons.tp:
-                            msgs.recv_grad.append(Transfer(v.name, c.rank, lo, hi))
+                for r in plan.stages[c_stage].ranks:
+                    if r != rank.rank:
+                        readers.setdefault(r, c_stage)
+            for r, c_stage in sorted(readers.items()):
+                cons, c = plan.stages[c_stage], by_rank[r]
+                lo, hi = _overlap(v, rank, c, prod)
+                if lo < hi:
+                    if rank.tp_rank == c.tp_rank % prod.tp:
+                        msgs[v.producer].send.append(Transfer(v.name, c.rank, lo, hi))
+                    if v.requires_grad and c.tp_rank == rank.tp_rank % cons.tp:
+                        msgs[v.producer].recv_grad.append(Transfer(v.name, c.rank, lo, hi))
     return msgs
 
 
@@ -448,25 +471,25 @@ DEVICE = torch.device("cpu")  # set by the runtime to this rank's device
 
 
 def emit_rank(plan: Plan, rank: RankSpec, actions) -> str:
-    st = plan.stages[rank.stage]
+    st = plan.stages[rank.stages[0]]
     msgs = transfers(plan, rank)
-    is_last = rank.stage == len(plan.stages) - 1
+    is_last = len(plan.stages) - 1 in rank.stages
     lines = []
     for a in actions:
-        mb = a.microbatch
+        mb, m = a.microbatch, msgs[a.stage]
         if a.kind == "F":
-            lines.append(f"    # {a}: forward of micro-batch {mb}")
-            for t in msgs.recv:
+            lines.append(f"    # {a}: forward of stage {a.stage}, micro-batch {mb}")
+            for t in m.recv:
                 lines.append(f"    ctx.recv({t.value!r}, mb={mb}, src={t.peer}, samples=({t.lo}, {t.hi}))")
-            lines.append(f"    ctx.forward(mb={mb})")
-            for t in msgs.send:
+            lines.append(f"    ctx.forward({a.stage}, mb={mb})")
+            for t in m.send:
                 lines.append(f"    ctx.send({t.value!r}, mb={mb}, dst={t.peer}, samples=({t.lo}, {t.hi}))")
         else:
-            lines.append(f"    # {a}: backward of micro-batch {mb}")
-            for t in msgs.recv_grad:
+            lines.append(f"    # {a}: backward of stage {a.stage}, micro-batch {mb}")
+            for t in m.recv_grad:
                 lines.append(f"    ctx.recv_grad({t.value!r}, mb={mb}, src={t.peer}, samples=({t.lo}, {t.hi}))")
-            lines.append(f"    ctx.backward(mb={mb})")
-            for t in msgs.send_grad:
+            lines.append(f"    ctx.backward({a.stage}, mb={mb})")
+            for t in m.send_grad:
                 lines.append(f"    ctx.send_grad({t.value!r}, mb={mb}, dst={t.peer}, samples=({t.lo}, {t.hi}))")
     groups = [g for g in plan.grad_groups if rank.rank in g.ranks]
     lines.append("    # Gradients: sum over the ranks that hold the same parameters (data parallel, tied weights)")
@@ -483,12 +506,20 @@ def emit_rank(plan: Plan, rank: RankSpec, actions) -> str:
         tensor_parallel = (f"\nTensor:   member {rank.tp_rank} of a {st.tp}-way tensor-parallel group (ranks "
                            f"{', '.join(map(str, st.ranks[rank.replica * st.tp:(rank.replica + 1) * st.tp]))}), "
                            f"shares {':'.join(map(str, parts))}")
+    stages_doc = "\n".join(
+        f"{'Stage:' if i == 0 else '':<10}{s} of {len(plan.stages)}, blocks {plan.stages[s].first_block}.."
+        f"{plan.stages[s].last_block} ({plan.stages[s].block_names[0]} .. {plan.stages[s].block_names[-1]})"
+        for i, s in enumerate(rank.stages))
+    chunks_doc = f" ({len(rank.stages)} stages per rank)" if len(rank.stages) > 1 else ""
+    imports = "\n".join(f"import {stage_module(plan.stages[s], rank.tp_rank)} as stage_{s}  # noqa: E402"
+                        for s in rank.stages)
+    stages_arg = "{" + ", ".join(f"{s}: stage_{s}" for s in rank.stages) + "}"
     return f'''"""hetcompile plan {plan.fingerprint}: rank {rank.rank} of {plan.world_size}.
 
 Device:   {rank.device_type} (cluster device {rank.device_index}, node {rank.node})
-Stage:    {rank.stage} of {len(plan.stages)}, blocks {st.first_block}..{st.last_block} ({st.block_names[0]} .. {st.block_names[-1]})
+{stages_doc}
 Data:     replica {rank.replica} of {replicas}: samples {rank.sample_lo}:{rank.sample_hi} ({share} of {plan.microbatch_size}) of every micro-batch{"; computes the loss" if is_last else ""}{tensor_parallel}
-Schedule: {plan.schedule}, {plan.num_microbatches} micro-batches of {plan.microbatch_size} samples (global batch {plan.global_batch})
+Schedule: {plan.schedule}{chunks_doc}, {plan.num_microbatches} micro-batches of {plan.microbatch_size} samples (global batch {plan.global_batch})
 
 Run every rank with `hetcompile run DIR`, or with torchrun (see launch.sh).
 """
@@ -497,7 +528,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import {stage_module(st, rank.tp_rank)} as stage  # noqa: E402
+{imports}
 from hetcompile.runtime import RankContext  # noqa: E402
 
 RANK = {rank.rank}
@@ -514,7 +545,7 @@ def train_step(step: int) -> float:
 
 
 if __name__ == "__main__":
-    ctx = RankContext(os.path.dirname(os.path.abspath(__file__)), rank=RANK, stage=stage,
+    ctx = RankContext(os.path.dirname(os.path.abspath(__file__)), rank=RANK, stages={stages_arg},
                       fingerprint=FINGERPRINT, world_size=WORLD_SIZE)
     ctx.main(train_step)
 '''

@@ -16,7 +16,7 @@ from typing import Any
 
 from hetcompile.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a rank runs several stages (interleaved schedule)
 TIMINGS_FILE = "timings.json"  # compile phase -> seconds, next to plan.json
 
 
@@ -60,13 +60,13 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class RankSpec:
-    """One process of the job: a device, the stage it runs and its slice of every micro-batch."""
+    """One process of the job: a device, the stages it runs and its slice of every micro-batch."""
 
     rank: int
     device_index: int  # index in the cluster's device list
     device_type: str
     node: int
-    stage: int
+    stages: tuple[int, ...]  # one, or with the interleaved schedule s, s + p, ... (same ranks and shares)
     replica: int
     sample_lo: int  # samples [sample_lo, sample_hi) of each micro-batch
     sample_hi: int
@@ -125,6 +125,11 @@ class Plan:
     def world_size(self) -> int:
         return len(self.ranks)
 
+    @property
+    def chunks(self) -> int:
+        """Stages per rank: 1, or more with the interleaved schedule."""
+        return len(self.ranks[0].stages)
+
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("sources")
@@ -146,7 +151,7 @@ class Plan:
                                          "left_whole": tuple(s.get("left_whole", ())),
                                          "inputs": tuple(StageInput(**i) for i in s["inputs"])})
                             for s in d["stages"])
-        d["ranks"] = tuple(RankSpec(**r) for r in d["ranks"])
+        d["ranks"] = tuple(RankSpec(**{**r, "stages": tuple(r["stages"])}) for r in d["ranks"])
         d["values"] = tuple(ValueSpec(**{**v, "consumers": tuple(v["consumers"]), "shape": tuple(v["shape"])})
                             for v in d["values"])
         d["grad_groups"] = tuple(GradGroup(tuple(g["ranks"]), tuple(g["params"])) for g in d["grad_groups"])

@@ -120,6 +120,7 @@ from cost_models.devices import DeviceType
 from cost_models.memory import STATIC_BYTES_PER_PARAM_BYTE, stage_memory_bytes, tp_share
 from cost_models.roofline import block_time_s
 from hetcompile.errors import UserError
+from hetcompile.interleave import best_interleaving
 from hetcompile.ir import ModelCosts
 
 logger = logging.getLogger(__name__)
@@ -1418,8 +1419,8 @@ def solve(
     schedule minimising the predicted step time.
 
     ``num_microbatches=None`` lets the planner choose among the divisors of the
-    global batch (up to MAX_MICROBATCHES); ``schedule="auto"`` chooses between
-    GPipe and 1F1B. ``allow_recompute=None`` (default) turns recompute on only
+    global batch (up to MAX_MICROBATCHES); ``schedule="auto"`` chooses among
+    GPipe, 1F1B and interleaved 1F1B ("interleaved": the best 1F1B plan, interleaved). ``allow_recompute=None`` (default) turns recompute on only
     when no plan fits without it. ``on_progress(objective_s, bound_s)`` is
     called at every improving CP-SAT solution. With a fixed ``seed`` and
     ``num_workers`` the same input gives the same plan (deterministic limits).
@@ -1438,7 +1439,8 @@ def solve(
     """
     start = time.perf_counter()
     _check_pins(costs, cluster, tp, pp, dp, num_microbatches, max_stages)
-    schedules = SCHEDULES if schedule == "auto" else (schedule,)
+    # Interleaving is decided after the search, on the best 1F1B plan (NOTE: [interleaving a solved plan]).
+    schedules = SCHEDULES if schedule == "auto" else ("1f1b",) if schedule == "interleaved" else (schedule,)
     recompute_options = [False, True] if allow_recompute is None else [bool(allow_recompute)]
     # TP groups across nodes only when nothing fits inside nodes (with or without recompute).
     levels = [(rc, cross) for cross in (False, True) for rc in recompute_options]
@@ -1508,7 +1510,10 @@ def solve(
     )
     logger.info("plan: M=%d %s S=%d objective=%.6f s gap=%.4f (%s)", problem.num_microbatches, problem.schedule,
                 len(choice.stages), report.objective_s, gap, report.status)
-    return _to_decision(problem, choice), report
+    decision = _to_decision(problem, choice)
+    if schedule in ("auto", "interleaved"):
+        decision = best_interleaving(decision, costs, cluster, required=schedule == "interleaved")
+    return decision, report
 
 
 def _solve_best(screened, ladder, complete, start, time_limit_s, seed, num_workers, on_progress, *,

@@ -100,12 +100,18 @@ def _shard_bytes(blocks, part: int, total: int) -> float:
     return sum(b.param_bytes * tp_share(b.tp_param_fraction, part, total) for b in blocks)
 
 
+def chunks_of(decision) -> int:
+    """Stages per device group: 1, or more when the stages go round the groups (interleaved schedule)."""
+    return len(decision.stages) // len({st.devices for st in decision.stages})
+
+
 def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, Timeline]:
     """What the cost model expects of ``decision``: step time, throughput, bubbles, memory per device."""
     times = stage_times(decision, costs, cluster)
-    timeline = simulate(make_schedule(schedule, len(decision.stages), decision.num_microbatches), **times)
+    timeline = simulate(make_schedule(schedule, len(decision.stages), decision.num_microbatches,
+                                      chunks_of(decision)), **times)
     devices = cluster.devices
-    memory = []
+    memory: dict[int, dict] = {}  # per device, the sum over its stages
     for s, st in enumerate(decision.stages):
         blocks = costs.blocks[st.first_block:st.last_block + 1]
         in_bytes = costs.blocks[st.first_block - 1].out_bytes_per_sample if st.first_block > 0 else 0.0
@@ -116,13 +122,11 @@ def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, 
             act = sum(b.act_bytes_per_sample * tp_share(b.tp_flops_fraction, parts[i % tp], sum(parts))
                       for b in blocks)
             dev_type = cluster.type_of(devices[d].type)
-            memory.append({
-                "device_index": d, "device_type": dev_type.name, "stage": s,
-                "mem_bytes": int(stage_memory_bytes(param_bytes, act, in_bytes, share, timeline.peak_in_flight[s],
-                                                    st.recompute)),
-                "capacity_bytes": int(dev_type.mem_bytes),
-            })
-    memory.sort(key=lambda m: m["device_index"])
+            m = memory.setdefault(d, {"device_index": d, "device_type": dev_type.name, "stages": [], "mem_bytes": 0,
+                                      "capacity_bytes": int(dev_type.mem_bytes)})
+            m["stages"].append(s)
+            m["mem_bytes"] += int(stage_memory_bytes(param_bytes, act, in_bytes, share, timeline.peak_in_flight[s],
+                                                     st.recompute))
     step = timeline.step_time_s
     return {
         "step_time_s": step,
@@ -133,5 +137,5 @@ def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, 
                     "update_s": times["update_s"][s],
                     **{k: times[k][s] for k in ("notice_fwd_s", "notice_bwd_s") if k in times},
                     "peak_in_flight": timeline.peak_in_flight[s]} for s in range(len(decision.stages))],
-        "memory": memory,
+        "memory": [memory[d] for d in sorted(memory)],
     }, timeline

@@ -1,14 +1,19 @@
 """Space-time schedules for pipeline parallelism, and a discrete-event simulator.
 
-A schedule says, for every pipeline stage, the order in which it runs the
-forward (``F``) and backward (``B``) of each micro-batch. It is the same IR as
-``torch.distributed.pipelining``: one small value type, :class:`Action`,
-printed as ``"1F0"`` (stage 1, forward, micro-batch 0) with an exact inverse
-parser. A schedule is ``list[list[Action]]``, one list per stage; every
-data-parallel replica of a stage runs its stage's list.
+A schedule says, for every pipeline position (a *slot*: the device group
+that runs one stage, or with interleaving several), the order in which it
+runs the forward (``F``) and backward (``B``) of each micro-batch of its
+stages. It is the same IR as ``torch.distributed.pipelining``: one small value
+type, :class:`Action`, printed as ``"1F0"`` (stage 1, forward, micro-batch 0)
+with an exact inverse parser. A schedule is ``list[list[Action]]``, one list
+per slot; every data-parallel replica of a slot runs its slot's list. Without
+interleaving slot s runs stage s; interleaved, with ``chunks`` stages per slot
+and ``p`` slots, slot s runs stages s, s + p, s + 2p, ... (the model goes
+round the slots ``chunks`` times, Megatron's virtual pipeline).
 
-- :func:`gpipe`, :func:`one_f_one_b`, :func:`make_schedule` build schedules in
-  the orders that ``ScheduleGPipe`` and ``Schedule1F1B`` execute.
+- :func:`gpipe`, :func:`one_f_one_b`, :func:`interleaved_1f1b`,
+  :func:`make_schedule` build schedules in the orders that ``ScheduleGPipe``,
+  ``Schedule1F1B`` and Megatron's interleaved 1F1B execute.
 - :func:`validate` checks a schedule and, when it would deadlock, raises a
   ``ValueError`` that shows a step-by-stage grid (:func:`format_grid`) with the
   stuck step marked.
@@ -50,6 +55,7 @@ __all__ = [
     "Timeline",
     "format_grid",
     "gpipe",
+    "interleaved_1f1b",
     "make_schedule",
     "one_f_one_b",
     "simulate",
@@ -104,7 +110,7 @@ class Action:
         return Action(int(stage), kind, int(microbatch))
 
 
-Schedule = list[list[Action]]  # schedule[s] = the actions stage s runs, in order
+Schedule = list[list[Action]]  # schedule[slot] = the actions that slot runs, in order
 
 
 def _check_sizes(num_stages: int, num_microbatches: int) -> None:
@@ -158,19 +164,65 @@ def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:
     return schedule
 
 
-SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {
+def interleaved_1f1b(num_stages: int, num_microbatches: int, chunks: int) -> Schedule:
+    """Interleaved 1F1B (Megatron's virtual pipeline): ``p = num_stages / chunks`` slots, slot r
+    running stages r, r + p, ..., so the fill and drain bubble shrinks ``chunks`` times.
+
+    Micro-batches go round in groups of p: slot r runs the forwards of chunk 0 for
+    micro-batches 0..p-1, then chunk 1 for the same ones, and so on; backwards go
+    through the chunks in reverse. Slot r runs ``2 (p - r - 1) + (chunks - 1) p``
+    warm-up forwards, then alternates one forward and one backward. Needs
+    ``num_microbatches`` to be a multiple of p, as Megatron and torch do.
+
+    Example::
+
+        >>> [" ".join(map(str, actions)) for actions in interleaved_1f1b(4, 2, chunks=2)]
+        ['0F0 0F1 2F0 2F1 2B0 2B1 0B0 0B1', '1F0 1F1 3F0 3B0 3F1 3B1 1B0 1B1']
+    """
+    _check_sizes(num_stages, num_microbatches)
+    if chunks < 1 or num_stages % chunks:
+        raise ValueError(f"Interleaving needs num_stages to be a multiple of chunks, got num_stages={num_stages}, "
+                         f"chunks={chunks}")
+    p = num_stages // chunks
+    if num_microbatches % p:
+        raise UserError(f"The interleaved schedule needs the micro-batch count to be a multiple of the {p} pipeline "
+                        f"slots, got {num_microbatches} micro-batches. Choose a multiple of {p}, or the 1f1b "
+                        "schedule.")
+    total = num_microbatches * chunks
+
+    def action(r: int, k: int, kind: str) -> Action:
+        chunk = (k // p) % chunks
+        if kind == BACKWARD:
+            chunk = chunks - 1 - chunk
+        return Action(chunk * p + r, kind, (k // (p * chunks)) * p + k % p)
+
+    schedule: Schedule = []
+    for r in range(p):
+        num_warmup = min(2 * (p - r - 1) + (chunks - 1) * p, total)
+        actions = [action(r, k, FORWARD) for k in range(num_warmup)]
+        for k in range(total - num_warmup):
+            actions += [action(r, num_warmup + k, FORWARD), action(r, k, BACKWARD)]
+        actions += [action(r, k, BACKWARD) for k in range(total - num_warmup, total)]
+        schedule.append(actions)
+    return schedule
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
+    "interleaved": interleaved_1f1b,
 }
 
 
-def make_schedule(name: str, num_stages: int, num_microbatches: int) -> Schedule:
-    """Build the schedule called ``name`` (a key of :data:`SCHEDULES`).
+def make_schedule(name: str, num_stages: int, num_microbatches: int, chunks: int = 1) -> Schedule:
+    """Build the schedule called ``name`` (a key of :data:`SCHEDULES`); ``chunks`` stages per slot.
 
     Example::
 
         >>> len(make_schedule("gpipe", num_stages=4, num_microbatches=8))
         4
+        >>> len(make_schedule("interleaved", num_stages=4, num_microbatches=8, chunks=2))
+        2
     """
     if name not in SCHEDULES:
         # UserError (a ValueError) because the name comes from the CLI / API user.
@@ -178,6 +230,11 @@ def make_schedule(name: str, num_stages: int, num_microbatches: int) -> Schedule
             f"Unknown pipeline schedule {name!r}; valid names are "
             f"{', '.join(sorted(SCHEDULES))}"
         )
+    if name == "interleaved":
+        return interleaved_1f1b(num_stages, num_microbatches, chunks)
+    if chunks != 1:
+        raise UserError(f"The {name} schedule runs one stage per device group; {chunks} stages per group need "
+                        "the interleaved schedule.")
     return SCHEDULES[name](num_stages, num_microbatches)
 
 
@@ -229,13 +286,19 @@ def _dependency(action: Action, num_stages: int) -> Action | None:
     return Action(action.stage + 1, BACKWARD, action.microbatch)
 
 
+def num_stages_of(schedule: Sequence[Sequence[Action]]) -> int:
+    """How many stages a schedule runs: a multiple of its slots (one list per slot)."""
+    return 1 + max((a.stage for actions in schedule for a in actions), default=-1)
+
+
 def validate(schedule: Sequence[Sequence[Action]]) -> None:
     """Raise ``ValueError`` unless ``schedule`` is complete, ordered and deadlock-free.
 
-    Checks that stage s's list holds only stage-s actions, each F(m) and B(m)
-    exactly once for every micro-batch m in 0..M-1 (M = 1 + the largest
-    micro-batch index seen), F(m) before B(m), and that running every stage in
-    lock-step with blocking receives finishes.
+    Checks that slot r's list holds only the actions of stages r, r + p, ...
+    (p = number of lists), each F(m) and B(m) of those stages exactly once for
+    every micro-batch m in 0..M-1 (M = 1 + the largest micro-batch index seen),
+    F(m) before B(m), and that running every slot in lock-step with blocking
+    receives finishes.
 
     Example::
 
@@ -245,81 +308,87 @@ def validate(schedule: Sequence[Sequence[Action]]) -> None:
         ...
         ValueError: Stage 0 runs 0B0 before 0F0; a backward needs its forward's activations
     """
-    num_stages = len(schedule)
-    if num_stages == 0:
+    num_slots = len(schedule)
+    if num_slots == 0:
         raise ValueError("A schedule needs at least one stage, got an empty list")
     num_microbatches = 1 + max((a.microbatch for actions in schedule for a in actions), default=-1)
     if num_microbatches == 0:
         raise ValueError("The schedule has no actions; every stage needs F and B per micro-batch")
+    num_stages = num_stages_of(schedule)
 
-    expected = {
-        (kind, m) for kind in _KINDS for m in range(num_microbatches)
-    }
-    for s, actions in enumerate(schedule):
-        wrong_stage = [str(a) for a in actions if a.stage != s]
+    expected = {(kind, m) for kind in _KINDS for m in range(num_microbatches)}
+    for r, actions in enumerate(schedule):
+        wrong_stage = [str(a) for a in actions if a.stage % num_slots != r]
         if wrong_stage:
+            what = f"Stage {r}'s list" if num_stages == num_slots else f"Slot {r}'s list"
             raise ValueError(
-                f"Stage {s}'s list holds actions of other stages: {', '.join(wrong_stage)}; "
-                f"schedule[s] must contain only stage-s actions"
+                f"{what} holds actions of other stages: {', '.join(wrong_stage)}; "
+                f"schedule[r] must contain only the actions of stages r, r + {num_slots}, ..."
             )
-        seen: dict[tuple[str, int], int] = {}
+        seen: dict[tuple[int, str, int], int] = {}
         for position, a in enumerate(actions):
-            key = (a.kind, a.microbatch)
+            key = (a.stage, a.kind, a.microbatch)
             if key in seen:
                 raise ValueError(
-                    f"Stage {s} runs {a} twice (positions {seen[key]} and {position}); "
+                    f"Stage {a.stage} runs {a} twice (positions {seen[key]} and {position}); "
                     "each F and B must appear exactly once"
                 )
             seen[key] = position
-            if a.kind == BACKWARD and (FORWARD, a.microbatch) not in seen:
+            if a.kind == BACKWARD and (a.stage, FORWARD, a.microbatch) not in seen:
                 raise ValueError(
-                    f"Stage {s} runs {a} before {Action(s, FORWARD, a.microbatch)}; "
+                    f"Stage {a.stage} runs {a} before {Action(a.stage, FORWARD, a.microbatch)}; "
                     "a backward needs its forward's activations"
                 )
-        missing = sorted(expected - seen.keys(), key=lambda k: (k[1], _KINDS.index(k[0])))
-        if missing:
-            names = ", ".join(str(Action(s, kind, m)) for kind, m in missing)
-            raise ValueError(
-                f"Stage {s} never runs {names}; with {num_microbatches} micro-batches "
-                "every stage needs F and B for each"
-            )
+        for s in range(r, num_stages, num_slots):
+            missing = sorted(expected - {(k, m) for st, k, m in seen if st == s},
+                             key=lambda k: (k[1], _KINDS.index(k[0])))
+            if missing:
+                names = ", ".join(str(Action(s, kind, m)) for kind, m in missing)
+                raise ValueError(
+                    f"Stage {s} never runs {names}; with {num_microbatches} micro-batches "
+                    "every stage needs F and B for each"
+                )
+
+    if num_stages % num_slots:
+        raise ValueError(f"The schedule runs {num_stages} stages on {num_slots} lists; with interleaving every "
+                         "list runs the same number of stages (stage s on list s % lists)")
 
     _check_deadlock_free(schedule)
 
 
 def _check_deadlock_free(schedule: Sequence[Sequence[Action]]) -> None:
-    """Lock-step run: at each step every stage runs its next action if its input arrived.
+    """Lock-step run: at each step every slot runs its next action if its input arrived.
 
     An input "arrives" when its producer ran at an earlier step, which models
-    blocking receives. If no stage can move while some still have work, the
+    blocking receives. If no slot can move while some still have work, the
     schedule deadlocks on a real cluster too.
     """
-    num_stages = len(schedule)
-    next_index = [0] * num_stages
+    num_slots, num_stages = len(schedule), num_stages_of(schedule)
+    next_index = [0] * num_slots
     done: set[Action] = set()
-    columns: list[list[Action | None]] = [[] for _ in range(num_stages)]
-    while any(next_index[s] < len(schedule[s]) for s in range(num_stages)):
+    columns: list[list[Action | None]] = [[] for _ in range(num_slots)]
+    while any(next_index[r] < len(schedule[r]) for r in range(num_slots)):
         ran_now: list[Action] = []
-        for s in range(num_stages):
-            if next_index[s] == len(schedule[s]):
-                columns[s].append(None)
+        for r in range(num_slots):
+            if next_index[r] == len(schedule[r]):
+                columns[r].append(None)
                 continue
-            action = schedule[s][next_index[s]]
+            action = schedule[r][next_index[r]]
             dep = _dependency(action, num_stages)
             if dep is None or dep in done:
                 ran_now.append(action)
-                columns[s].append(action)
-                next_index[s] += 1
+                columns[r].append(action)
+                next_index[r] += 1
             else:
-                columns[s].append(None)
+                columns[r].append(None)
         if not ran_now:
-            # The last row (all idle) becomes the stuck row: show what each stage waits on.
+            # The last row (all idle) becomes the stuck row: show what each slot waits on.
             stuck_step = len(columns[0]) - 1
             waits = []
-            for s in range(num_stages):
-                if next_index[s] < len(schedule[s]):
-                    blocked = schedule[s][next_index[s]]
-                    columns[s][stuck_step] = blocked
+            for r in range(num_slots):
+                if next_index[r] < len(schedule[r]):
+                    blocked = schedule[r][next_index[r]]
+                    columns[r][stuck_step] = blocked
                     waits.append(f"  {blocked} waits for {_dependency(blocked, num_stages)}")
             grid = format_grid(columns, marked_step=stuck_step)
             raise ValueError(
@@ -354,11 +423,12 @@ class Timeline:
 
     spans: tuple[Span, ...]  # sorted by (start_s, stage, kind, microbatch)
     step_time_s: float  # end of the last span, all-reduces included
-    # Idle compute time / (num_stages * step_time_s); time spent in the
+    # Idle compute time / (num_slots * step_time_s); time spent in the
     # all-reduce counts as idle because it is not F/B compute.
     bubble_fraction: float
-    # Per stage, the most micro-batches whose forward finished and whose
-    # backward has not: how many micro-batches of activations it must hold.
+    # Per stage, its micro-batches whose forward finished and whose backward has not, at
+    # the moment its slot holds the most (without interleaving: the stage's most): how many
+    # micro-batches of activations it must hold.
     peak_in_flight: tuple[int, ...]
 
 
@@ -387,12 +457,13 @@ def simulate(
 ) -> Timeline:
     """Discrete-event run of one step of ``schedule``; all times in seconds, one per stage.
 
-    Each stage is one compute resource that runs its actions in list order.
+    Each slot (one list of the schedule: one stage, or its interleaved stages) is one
+    compute resource that runs its actions in list order.
     An action starts when its stage is free and its input has arrived: the
     producer's end plus the producer's send time (``send_fwd_s[s]`` from s to
     s+1, ``send_bwd_s[s]`` from s to s-1). Sends are asynchronous: they are
     spans on the sender's communication track and never delay its compute.
-    ``allreduce_s[s]`` starts after stage s's last action, and ``update_s[s]``
+    ``allreduce_s[s]`` starts after stage s's slot ran its last action, and ``update_s[s]``
     (optimizer step and end-of-step bookkeeping; none when omitted) after it.
     ``notice_fwd_s[s]`` / ``notice_bwd_s[s]`` (indexed like the sends): the time the
     consumer's receive notice takes to reach stage s; given, data leaves only once the
@@ -409,7 +480,7 @@ def simulate(
         12.5
     """
     validate(schedule)
-    num_stages = len(schedule)
+    num_slots, num_stages = len(schedule), num_stages_of(schedule)
     for name, values in (
         ("fwd_s", fwd_s),
         ("bwd_s", bwd_s),
@@ -431,8 +502,8 @@ def simulate(
 
     end_s: dict[Action, float] = {}
     spans: list[Span] = []
-    next_index = [0] * num_stages
-    free_at_s = [0.0] * num_stages
+    next_index = [0] * num_slots
+    free_at_s = [0.0] * num_slots  # per slot: one compute resource runs all of its stages
 
     # NOTE: [receives posted in program order] A rank posts the receive of an input right
     # before the action that needs it (the emitted programs; hetcompile/runtime/context.py),
@@ -446,65 +517,79 @@ def simulate(
     notice_fwd = [0.0] * num_stages if notice_fwd_s is None else notice_fwd_s
     notice_bwd = [0.0] * num_stages if notice_bwd_s is None else notice_bwd_s
 
-    def arrival_s(dep: Action, consumer_stage: int) -> float:
-        if dep.stage == consumer_stage:  # the last stage's own forward: no transfer
+    def arrival_s(dep: Action, consumer_slot: int) -> float:
+        if dep.stage % num_slots == consumer_slot:  # the same devices (the loss's own forward): no transfer
             return end_s[dep]
         send = send_fwd_s if dep.kind == FORWARD else send_bwd_s
         if not rendezvous:
             return end_s[dep] + send[dep.stage]
         notice = notice_fwd if dep.kind == FORWARD else notice_bwd
-        return max(end_s[dep], free_at_s[consumer_stage] + notice[dep.stage]) + send[dep.stage]
+        return max(end_s[dep], free_at_s[consumer_slot] + notice[dep.stage]) + send[dep.stage]
 
     # validate() proved the lock-step run finishes, so each sweep schedules at
     # least one action; start times do not depend on the sweep order because
-    # every action starts as early as its stage order and inputs allow.
+    # every action starts as early as its slot order and inputs allow.
     remaining = sum(len(actions) for actions in schedule)
     while remaining:
-        for s in range(num_stages):
-            while next_index[s] < len(schedule[s]):
-                action = schedule[s][next_index[s]]
+        for r in range(num_slots):
+            while next_index[r] < len(schedule[r]):
+                action = schedule[r][next_index[r]]
                 dep = _dependency(action, num_stages)
                 if dep is not None and dep not in end_s:
                     break
-                ready_s = 0.0 if dep is None else arrival_s(dep, s)
-                start_s = max(free_at_s[s], ready_s)
+                s = action.stage
+                ready_s = 0.0 if dep is None else arrival_s(dep, r)
+                start_s = max(free_at_s[r], ready_s)
                 duration_s = fwd_s[s] if action.kind == FORWARD else bwd_s[s]
-                done_s = end_s[action] = free_at_s[s] = start_s + duration_s
+                done_s = end_s[action] = free_at_s[r] = start_s + duration_s
                 m = action.microbatch
                 spans.append(Span(s, action.kind, m, start_s, done_s))
                 if action.kind == FORWARD and s < num_stages - 1:
                     spans.append(Span(s, "send_F", m, done_s, done_s + send_fwd_s[s]))
                 if action.kind == BACKWARD and s > 0:
                     spans.append(Span(s, "send_B", m, done_s, done_s + send_bwd_s[s]))
-                next_index[s] += 1
+                next_index[r] += 1
                 remaining -= 1
 
-    for s in range(num_stages):
-        spans.append(Span(s, "allreduce", -1, free_at_s[s], free_at_s[s] + allreduce_s[s]))
-        if update_s is not None and update_s[s] > 0:
-            start_s = free_at_s[s] + allreduce_s[s]
-            spans.append(Span(s, "update", -1, start_s, start_s + update_s[s]))
+    for r in range(num_slots):  # a slot's stages all-reduce one after another, then update
+        at_s = free_at_s[r]
+        for s in range(r, num_stages, num_slots):
+            spans.append(Span(s, "allreduce", -1, at_s, at_s + allreduce_s[s]))
+            at_s += allreduce_s[s]
+        for s in range(r, num_stages, num_slots):
+            if update_s is not None and update_s[s] > 0:
+                spans.append(Span(s, "update", -1, at_s, at_s + update_s[s]))
+                at_s += update_s[s]
 
     step_time_s = max(span.end_s for span in spans)
     busy_s = sum(span.duration_s for span in spans if span.kind in _KINDS)
-    capacity_s = num_stages * step_time_s
+    capacity_s = num_slots * step_time_s
     bubble_fraction = (capacity_s - busy_s) / capacity_s if capacity_s > 0 else 0.0
     spans.sort(key=lambda span: (span.start_s, span.stage, span.kind, span.microbatch))
+    peak = [0] * num_stages
+    for actions in schedule:
+        for s, count in _peak_in_flight(actions).items():
+            peak[s] = count
     return Timeline(
         spans=tuple(spans),
         step_time_s=step_time_s,
         bubble_fraction=bubble_fraction,
-        peak_in_flight=tuple(_peak_in_flight(actions) for actions in schedule),
+        peak_in_flight=tuple(peak),
     )
 
 
-def _peak_in_flight(actions: Sequence[Action]) -> int:
-    # Timing-independent: a stage's own list order decides when it holds activations.
-    in_flight = peak = 0
+def _peak_in_flight(actions: Sequence[Action]) -> dict[int, int]:
+    """Per stage of one slot: its micro-batches in flight at the moment the slot holds the most.
+
+    Timing-independent: a slot's own list order decides when it holds activations.
+    """
+    in_flight: dict[int, int] = {a.stage: 0 for a in actions}
+    at_peak, most = dict(in_flight), 0
     for a in actions:
-        in_flight += 1 if a.kind == FORWARD else -1
-        peak = max(peak, in_flight)
-    return peak
+        in_flight[a.stage] += 1 if a.kind == FORWARD else -1
+        if sum(in_flight.values()) > most:
+            most, at_peak = sum(in_flight.values()), dict(in_flight)
+    return at_peak
 
 
 _COMPUTE_TID = 0

@@ -66,7 +66,7 @@ def plan_timeline(plan) -> Timeline:
     times = {k: [st[k] for st in stages] for k in ("fwd_s", "bwd_s", "send_fwd_s", "send_bwd_s", "allreduce_s")}
     # Receive notices (NOTE: [receives posted in program order]): only profiled plans have them.
     times.update({k: [st[k] for st in stages] for k in ("notice_fwd_s", "notice_bwd_s") if k in stages[0]})
-    return simulate(make_schedule(plan.schedule, len(stages), plan.num_microbatches), **times)
+    return simulate(make_schedule(plan.schedule, len(stages), plan.num_microbatches, plan.chunks), **times)
 
 
 def busiest_stage(timeline: Timeline) -> int:
@@ -85,22 +85,27 @@ def shown_ranks(plan) -> list:
     row per stage loses nothing the simulator knows; the row shown is the stage's rank
     whose device is fullest, so the memory panel shows the stage's tightest headroom.
     """
-    ordered = sorted(plan.ranks, key=lambda r: (r.stage, r.rank))
+    ordered = sorted(plan.ranks, key=lambda r: (r.stages, r.rank))
     if len(ordered) <= MAX_RANK_ROWS:
         return ordered
     fill = {m["device_index"]: m["mem_bytes"] / max(m["capacity_bytes"], 1) for m in plan.predicted["memory"]}
-    best: dict[int, object] = {}
+    best: dict[tuple[int, ...], object] = {}
     for r in ordered:
-        if r.stage not in best or fill.get(r.device_index, 0.0) > fill.get(best[r.stage].device_index, 0.0):
-            best[r.stage] = r
+        if r.stages not in best or fill.get(r.device_index, 0.0) > fill.get(best[r.stages].device_index, 0.0):
+            best[r.stages] = r
     return [best[s] for s in sorted(best)]
+
+
+def stages_text(rank) -> str:
+    """A rank's stages for people: "2", or "1+3" with the interleaved schedule."""
+    return "+".join(map(str, rank.stages))
 
 
 def _row_label(plan, rank, short: bool) -> str:
     if plan.world_size <= MAX_RANK_ROWS:
-        tp = f" tp{rank.tp_rank}" if plan.stages[rank.stage].tp > 1 else ""
-        return f"r{rank.rank} s{rank.stage}{tp} {rank.device_type}" if short else _rank_label(rank)
-    stage = plan.stages[rank.stage]
+        tp = f" tp{rank.tp_rank}" if plan.stages[rank.stages[0]].tp > 1 else ""
+        return f"r{rank.rank} s{stages_text(rank)}{tp} {rank.device_type}" if short else _rank_label(rank)
+    stage = plan.stages[rank.stages[0]]
     by_rank = {r.rank: r for r in plan.ranks}
     types = {}
     for r in stage.ranks:
@@ -108,7 +113,8 @@ def _row_label(plan, rank, short: bool) -> str:
     what = ", ".join(f"{n}x {t}" for t, n in sorted(types.items()))
     if stage.tp > 1:
         what += f", {format_tp(stage.tp, stage.tp_parts)}"
-    return f"s{rank.stage} ({what})" if short else f"stage {rank.stage} · {what} · shown: rank {rank.rank}"
+    return (f"s{stages_text(rank)} ({what})" if short
+            else f"stage {stages_text(rank)} · {what} · shown: rank {rank.rank}")
 
 
 def rank_spans(plan, timeline: Timeline | None = None, ranks=None) -> dict[int, list[RankSpan]]:
@@ -122,15 +128,17 @@ def rank_spans(plan, timeline: Timeline | None = None, ranks=None) -> dict[int, 
     ranks_of_stage: dict[int, list[int]] = {}
     for r in plan.ranks:
         if wanted is None or r.rank in wanted:
-            ranks_of_stage.setdefault(r.stage, []).append(r.rank)
-    shown = [r for rs in ranks_of_stage.values() for r in rs]
+            for s in r.stages:
+                ranks_of_stage.setdefault(s, []).append(r.rank)
+    shown = sorted({r for rs in ranks_of_stage.values() for r in rs})
+    tag = (lambda s: f" s{s}") if plan.chunks > 1 else (lambda s: "")  # interleaved: which stage ran
     compute: dict[int, list[RankSpan]] = {r: [] for r in shown}
     comm: dict[int, list[tuple]] = {r: [] for r in shown}
     for span in timeline.spans:
         s, m = span.stage, span.microbatch
         if span.kind in (FORWARD, BACKWARD):
             for r in ranks_of_stage.get(s, []):
-                compute[r].append(RankSpan(r, COMPUTE_TRACK, span.kind, f"{span.kind} mb{m}", m,
+                compute[r].append(RankSpan(r, COMPUTE_TRACK, span.kind, f"{span.kind}{tag(s)} mb{m}", m,
                                            span.start_s, span.end_s))
         elif span.kind == "allreduce":
             if span.duration_s > 0:
@@ -159,7 +167,8 @@ def rank_spans(plan, timeline: Timeline | None = None, ranks=None) -> dict[int, 
 
 
 def _rank_label(rank) -> str:
-    return f"rank {rank.rank} · stage {rank.stage} · {rank.device_type} (device {rank.device_index})"
+    return (f"rank {rank.rank} · stage{'s' if len(rank.stages) > 1 else ''} {stages_text(rank)} · "
+            f"{rank.device_type} (device {rank.device_index})")
 
 
 def chrome_trace(plan, timeline: Timeline | None = None) -> dict:
@@ -183,7 +192,7 @@ def chrome_trace(plan, timeline: Timeline | None = None) -> dict:
         for sp in spans[r.rank]:
             events.append({"name": sp.name, "cat": sp.kind, "ph": "X", "pid": r.rank, "tid": tid_of[sp.track],
                            "ts": sp.start_s * 1e6, "dur": sp.duration_s * 1e6,
-                           "args": {"stage": r.stage, "microbatch": sp.microbatch}})
+                           "args": {"stages": list(r.stages), "microbatch": sp.microbatch}})
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"plan": plan.fingerprint, "schedule": plan.schedule,
                           "step_time_s": plan.predicted["step_time_s"]}}
@@ -246,7 +255,7 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
             ax.add_collection(PolyCollection(verts, facecolors=_COLORS[kind], edgecolors="white" if compute else "none",
                                              linewidths=0.4 if compute else 0), autolim=False)
     for y in range(1, n):  # a line between stages shows the pipeline's structure
-        if ordered[y].stage != ordered[y - 1].stage:
+        if ordered[y].stages != ordered[y - 1].stages:
             for a in (ax, axm):
                 a.axhline(y - 0.5, color="#444444", linewidth=0.6)
     ax.axvline(step, color="black", linestyle="--", linewidth=0.8)

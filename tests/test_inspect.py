@@ -285,7 +285,7 @@ def _synthetic_plan(num_stages: int, per_stage: int, num_microbatches: int):
     decision = PlanDecision(stages, num_microbatches, mb)
     predicted, _ = predict(decision, costs, cluster, "1f1b")
     devices = cluster.devices
-    ranks = tuple(RankSpec(d, d, devices[d].type, devices[d].node, s, i, i * share, (i + 1) * share)
+    ranks = tuple(RankSpec(d, d, devices[d].type, devices[d].node, (s,), i, i * share, (i + 1) * share)
                   for s, st in enumerate(stages) for i, (d, share) in enumerate(zip(st.devices, st.shares)))
     specs = tuple(StageSpec(s, st.first_block, st.last_block, tuple(b.name for b in blocks[st.first_block:
                             st.last_block + 1]), st.devices, st.shares, (), ()) for s, st in enumerate(stages))
@@ -306,7 +306,7 @@ def test_bottleneck_known_answers():
     b = _bottleneck(plan, plan_timeline(plan), cluster)
     assert b["stage"] in (2, 3) and "V100" in b["devices"]  # stages 2-3 run on the slower V100s
     assert b["bound"] == "compute" and "FLOP-bound" in b["reason"]
-    memory = [dict(m, mem_bytes=int(0.95 * m["capacity_bytes"])) if m["stage"] == b["stage"] else m
+    memory = [dict(m, mem_bytes=int(0.95 * m["capacity_bytes"])) if b["stage"] in m["stages"] else m
               for m in plan.predicted["memory"]]
     full = dataclasses.replace(plan, predicted={**plan.predicted, "memory": memory})
     b = _bottleneck(full, plan_timeline(full), cluster)

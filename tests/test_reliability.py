@@ -73,7 +73,8 @@ def mlp_plan(tmp_path_factory):
     return hetcompile.compile(mf, CLUSTER, decision=decision).save(tmp_path_factory.mktemp("mlp") / "plan")
 
 
-def _assert_params(path, ref_state):
+def assert_params(path, ref_state):
+    """The parameters that `run(..., save_params=path)` wrote equal ``ref_state`` (one-device training)."""
     state = torch.load(path, weights_only=True)
     assert state.keys() == ref_state.keys()
     for k in ref_state:
@@ -97,7 +98,7 @@ def test_resume_under_the_same_plan(mlp_plan, tmp_path):
     resumed = run(mlp_plan, steps=STEPS, resume=step_dir(ckpt, 2), save_params=params)
     assert len(resumed) == STEPS - 2  # --steps counts all steps: steps 2 and 3
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[2:]), **TOL)
-    _assert_params(params, ref_state)
+    assert_params(params, ref_state)
 
 
 def test_killed_rank_stops_the_run_and_another_plan_resumes(gpt2, tmp_path, capsys):
@@ -131,7 +132,7 @@ def test_killed_rank_stops_the_run_and_another_plan_resumes(gpt2, tmp_path, caps
     losses = [float(line.split()[3]) for line in out.splitlines() if line.startswith("step ")]
     assert [int(line.split()[1]) for line in out.splitlines() if line.startswith("step ")] == [2, 3]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(gpt2["ref_losses"][2:]), **TOL)
-    _assert_params(params, gpt2["ref_state"])
+    assert_params(params, gpt2["ref_state"])
 
 
 def test_rank_error_is_reported_with_its_traceback(mlp_plan):
@@ -177,7 +178,8 @@ def _start_rank(plan_dir, rank, monkeypatch, **env):
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # RankContext installs its own
     with pytest.raises(SystemExit) as refused:
-        RankContext(str(plan_dir), rank=rank, stage=stage, fingerprint=fingerprint, world_size=world_size)
+        RankContext(str(plan_dir), rank=rank, stages={stage_index: stage}, fingerprint=fingerprint,
+                    world_size=world_size)
     return str(refused.value)
 
 

@@ -13,6 +13,7 @@ from hetcompile.schedule import (
     Action,
     format_grid,
     gpipe,
+    interleaved_1f1b,
     make_schedule,
     one_f_one_b,
     simulate,
@@ -31,7 +32,7 @@ def parse_all(text: str) -> list[Action]:
 
 def uniform(schedule, *, f=1.0, b=2.0, send=0.0, allreduce=0.0):
     """Simulate with the same times on every stage and no send out of the pipe ends."""
-    num_stages = len(schedule)
+    num_stages = 1 + max(a.stage for actions in schedule for a in actions)
     return simulate(
         schedule,
         fwd_s=[f] * num_stages,
@@ -141,10 +142,47 @@ def test_orders_match_torch_pipelining(num_stages, num_microbatches):
         assert torch_1f1b[rank] == names(ours[rank])
 
 
+def _torch_interleaved_order(slots, chunks, num_microbatches):
+    """The per-rank order of torch's ScheduleInterleaved1F1B, computed without stages or a process group."""
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    order = []
+    for rank in range(slots):
+        instance = object.__new__(schedules.ScheduleInterleaved1F1B)
+        instance.pp_group_size, instance.n_local_stages, instance.rank = slots, chunks, rank
+        instance._n_microbatches = num_microbatches
+        instance.number_of_rounds = max(1, num_microbatches // slots)
+        instance.microbatches_per_round = num_microbatches // instance.number_of_rounds
+        order.append([str(a) for a in instance._calculate_single_rank_operations(rank) if a is not None])
+    return order
+
+
+@pytest.mark.parametrize("slots,chunks,num_microbatches", [(2, 2, 2), (2, 2, 4), (4, 2, 8), (3, 3, 6), (4, 3, 4)])
+def test_interleaved_matches_torch_and_shrinks_the_bubble(slots, chunks, num_microbatches):
+    ours = interleaved_1f1b(slots * chunks, num_microbatches, chunks)
+    assert [names(actions) for actions in ours] == _torch_interleaved_order(slots, chunks, num_microbatches)
+    validate(ours)
+    # The same work as 1F1B on `slots` stages, cut in `chunks` pieces per slot: fill and drain shrink.
+    tl = uniform(ours, f=1.0 / chunks, b=2.0 / chunks)
+    plain = uniform(one_f_one_b(slots, num_microbatches), f=1.0, b=2.0)
+    assert tl.step_time_s == pytest.approx(num_microbatches * 3.0 + (slots - 1) * 3.0 / chunks)
+    assert tl.step_time_s < plain.step_time_s and tl.bubble_fraction < plain.bubble_fraction
+    # Activations: slot 0 holds more (smaller) pieces than under 1F1B, never more than all of them.
+    assert sum(tl.peak_in_flight[0::slots]) >= plain.peak_in_flight[0]
+    assert all(n <= num_microbatches for n in tl.peak_in_flight)
+
+
+def test_interleaved_needs_a_multiple_of_the_slots():
+    with pytest.raises(UserError, match="multiple of the 2 pipeline slots"):
+        interleaved_1f1b(4, 3, chunks=2)
+    with pytest.raises(UserError, match="need the interleaved schedule"):
+        make_schedule("1f1b", 4, 4, chunks=2)
+    assert make_schedule("interleaved", 4, 4, chunks=2) == interleaved_1f1b(4, 4, 2)
+
+
 def test_make_schedule():
     assert make_schedule("gpipe", 3, 5) == gpipe(3, 5)
     assert make_schedule("1f1b", 3, 5) == one_f_one_b(3, 5)
-    with pytest.raises(UserError, match="valid names are 1f1b, gpipe"):
+    with pytest.raises(UserError, match="valid names are 1f1b, gpipe, interleaved"):
         make_schedule("zero-bubble", 3, 5)
     with pytest.raises(ValueError, match="num_microbatches >= 1"):
         make_schedule("gpipe", 3, 0)

@@ -3,21 +3,29 @@
 The end-to-end tests run plans with tensor-parallel stages on real gloo ranks
 (`hetcompile run`) and compare losses and final parameters with one-device
 training, as tests/test_end_to_end.py does for pipeline and data parallelism.
+The checkpoint tests stop and resume a tensor-parallel plan, on itself and on
+a plan without tensor parallelism, and compare with one-device training too.
 The other tests check the pass (passes/partition_ops.py) on captured graphs.
 """
+
+from pathlib import Path
 
 import pytest
 import torch
 
 import hetcompile
 from hetcompile.compiler import analyze
-from hetcompile.errors import UserError
 from hetcompile.launch import run
-from hetcompile.modelfile import load_model_file
+from hetcompile.modelfile import load_model_file, reference_training
+from hetcompile.plan import load
 from hetcompile.planner import PlanDecision, StageDecision
 from hetcompile.runtime import tp
+from hetcompile.runtime.checkpoint import step_dir
 from passes.partition_ops import partition, ranges_of, rank_graph, split_units
 from test_end_to_end import assert_trains_like_one_device
+from test_reliability import TOL, assert_params
+
+CKPT_STEPS = 4
 CLUSTER = {"nodes": [{"device": "A100-80GB", "count": 4}, {"device": "V100-32GB", "count": 4}]}
 
 
@@ -128,12 +136,76 @@ def test_helpers():
     pieces = [tp.local_param(full, 1, r) for r in ranges]
     assert pieces[0].tolist() == [[0, 1, 2, 6, 7, 8], [12, 13, 14, 18, 19, 20]]
     assert torch.equal(tp.full_param(pieces, 1, ranges), full)
+    assert tp.full_shape(pieces[1], 1, ranges) == (2, 12)
 
 
-def test_checkpointing_a_tp_plan_is_refused_clearly(examples, tmp_path):
-    mf = load_model_file(examples / "gpt2.py")
+# -- checkpoints: a tensor-parallel plan saves whole tensors, so any plan of the model resumes them -------
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoints(tmp_path_factory):
+    """GPT-2 under a tensor-parallel plan and a plan without, its one-device reference, and the TP plan's
+    checkpoints after each of its first 2 steps.
+
+    The TP plan is the 3:1 one above (q|k|v split in several uneven intervals; the tied embedding
+    whole on both members); the plan without TP is one rank.
+    """
+    mf = load_model_file(Path(__file__).resolve().parent.parent / "examples" / "gpt2.py")
     n, batch = _blocks_and_batch(mf)
-    decision = PlanDecision((StageDecision(0, n - 1, (0, 1), (batch, batch), tp=2),), 1, batch)
-    out = hetcompile.compile(mf, CLUSTER, schedule="gpipe", decision=decision).save(tmp_path / "plan")
-    with pytest.raises(UserError, match="cannot checkpoint or resume tensor-parallel plans"):
-        run(out, steps=1, checkpoint_dir=tmp_path / "ckpt")
+    with_tp = PlanDecision((StageDecision(0, n - 1, (0, 4), (batch, batch), tp=2, tp_parts=(3, 1)),),
+                           num_microbatches=1, microbatch_size=batch)
+    without = PlanDecision((StageDecision(0, n - 1, (4,), (batch,)),), num_microbatches=1, microbatch_size=batch)
+    root = tmp_path_factory.mktemp("tp_checkpoints")
+    plan_tp = hetcompile.compile(mf, CLUSTER, schedule="gpipe", decision=with_tp).save(root / "tp")
+    plan_no_tp = hetcompile.compile(mf, CLUSTER, schedule="gpipe", decision=without).save(root / "no_tp")
+    ref_losses, ref_state = reference_training(mf, steps=CKPT_STEPS)
+    ckpt = root / "ckpt_tp"
+    losses = run(plan_tp, steps=2, checkpoint_dir=ckpt, checkpoint_every=1)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses[:2]), **TOL)
+    return {"mf": mf, "plan_tp": plan_tp, "plan_no_tp": plan_no_tp, "ckpt": ckpt, "ref_losses": ref_losses,
+            "ref_state": ref_state}
+
+
+def _read_checkpoint(path, scratch_file) -> dict:
+    """Every entry of a checkpoint but the ranks' RNG states, read on this process (through ``scratch_file``)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(path, scratch_file)
+    return {k: v for k, v in torch.load(scratch_file, weights_only=False).items() if not k.startswith("rng/")}
+
+
+def test_tp_plan_resumes_its_own_checkpoint(gpt2_checkpoints, tmp_path):
+    """The TP plan stops after 2 of 4 steps and resumes to the losses and parameters of uninterrupted training."""
+    g = gpt2_checkpoints
+    params = tmp_path / "params.pt"
+    resumed = run(g["plan_tp"], steps=CKPT_STEPS, resume=g["ckpt"], save_params=params)
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(g["ref_losses"][2:]), **TOL)
+    assert_params(params, g["ref_state"])
+
+
+def test_tp_checkpoint_is_any_plans_checkpoint(gpt2_checkpoints, tmp_path):
+    """The TP plan's checkpoint holds whole parameters and AdamW state: the plan without TP resumes it to the
+    results of uninterrupted training, and its own checkpoint of the same step is the same (so a TP plan
+    resumes that one as it does its own)."""
+    g = gpt2_checkpoints
+    by_tp = _read_checkpoint(step_dir(g["ckpt"], 2), tmp_path / "by_tp.pt")
+    split = {p.param for p in load(g["plan_tp"]).stages[0].param_shards}
+    assert len(split) >= 6 * 4  # every projection of every layer
+    with torch.device("meta"):
+        model = g["mf"].build_model(0)
+    for name in split:
+        shape = model.get_parameter(name).shape
+        for key in (f"model/{name}", f"optim/{name}/exp_avg", f"optim/{name}/exp_avg_sq"):
+            assert by_tp[key].shape == shape, key
+        assert by_tp[f"optim/{name}/step"] == 2
+
+    ckpt = tmp_path / "ckpt_no_tp"
+    params = tmp_path / "params.pt"
+    losses = run(g["plan_no_tp"], steps=CKPT_STEPS, resume=step_dir(g["ckpt"], 1), checkpoint_dir=ckpt,
+                 checkpoint_every=2, save_params=params)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(g["ref_losses"][1:]), **TOL)
+    assert_params(params, g["ref_state"])
+    by_no_tp = _read_checkpoint(step_dir(ckpt, 2), tmp_path / "by_no_tp.pt")
+    assert by_no_tp.keys() == by_tp.keys()
+    for key in by_tp:
+        torch.testing.assert_close(by_no_tp[key], by_tp[key], **TOL, msg=lambda m: f"{key}: {m}")

@@ -23,6 +23,20 @@ On resume, each rank of the *new* plan, whatever its stages and shares, asks
 DCP for the keys of its own parameters; the shapes come from the checkpoint's
 metadata, so optimizer state is rebuilt without a warm-up step.
 
+# NOTE: [tensor-parallel parameters are saved whole]
+A member of a tensor-parallel group holds only its slice of a split parameter
+(``StageSpec.param_shards``), and of the optimizer state shaped like it. On
+save, the group puts each one together (:func:`tp.gather_param`: zeros, its own
+slice, all-reduce), one tensor at a time, and every member saves the whole
+tensor under the usual key, exactly as a rank without tensor parallelism would.
+So the format is the same for every plan: a tensor-parallel plan resumes a
+checkpoint of a plan without, and the reverse, at any degree or split. On
+resume, a member reads the whole tensors and keeps its slice
+(:func:`tp.local_param`). Scalar state (AdamW's step) is the same on every
+member and saved as is. The cost: the whole tensors of the split parameters
+(and their state) are held in host memory during a save or a load, but only
+one at a time on the device.
+
 The step directory is first written as ``ROOT/.step_K.tmp`` and renamed by
 rank 0 once every rank has saved: a killed run leaves no half checkpoint that
 ``--resume`` could pick.
@@ -34,11 +48,14 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from hetcompile.errors import UserError
+from hetcompile.plan import ParamShard
+from hetcompile.runtime import tp
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +147,18 @@ def check_resumable(info: CheckpointInfo, param_shapes: dict[str, tuple[int, ...
 
 
 def save(root: str | Path, *, step: int, rank: int, world_size: int, plan_fingerprint: str,
-         params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None) -> Path:
-    """Collective: every rank saves its parameters, optimizer state and RNG; rank 0 completes the checkpoint."""
+         params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
+         shards: Sequence[ParamShard] = (), tp_rank: int = 0, tp_group=None) -> Path:
+    """Collective: every rank saves its parameters, optimizer state and RNG; rank 0 completes the checkpoint.
+
+    ``shards`` are the splits of this rank's tensor-parallel stage: ``params`` holds member
+    ``tp_rank``'s slice of each, and the members of ``tp_group`` put them together (see the
+    NOTE above).
+
+    >>> save("ckpt", step=4, rank=0, world_size=2, plan_fingerprint="ab12", params=ctx.params,
+    ...      optimizer=ctx.optimizer)  # doctest: +SKIP
+    PosixPath('ckpt/step_00000004')
+    """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -142,7 +169,8 @@ def save(root: str | Path, *, step: int, rank: int, world_size: int, plan_finger
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(_state(params, optimizer, rank), storage_writer=dcp.FileSystemWriter(str(tmp)))
+    state = _state(params, optimizer, rank, {s.param: s for s in shards}, tp_rank, tp_group)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)))
     if rank == 0:
         (tmp / MANIFEST).write_text(json.dumps({
             "format": "hetcompile checkpoint", "version": CHECKPOINT_VERSION, "step": step,
@@ -156,17 +184,29 @@ def save(root: str | Path, *, step: int, rank: int, world_size: int, plan_finger
 
 
 def load(path: str | Path, *, rank: int, params: dict[str, torch.Tensor],
-         optimizer: torch.optim.Optimizer | None) -> CheckpointInfo:
-    """Collective: every rank loads the entries of its own parameters (any plan's); returns the manifest."""
+         optimizer: torch.optim.Optimizer | None, shards: Sequence[ParamShard] = (),
+         tp_rank: int = 0) -> CheckpointInfo:
+    """Collective: every rank loads the entries of its own parameters (any plan's); returns the manifest.
+
+    ``shards`` and ``tp_rank`` as for :func:`save`: this member keeps its slice of the whole tensors.
+
+    >>> load("ckpt", rank=0, params=ctx.params, optimizer=ctx.optimizer).step  # doctest: +SKIP
+    4
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     info = find_checkpoint(path)
     reader = dcp.FileSystemReader(str(info.path))
     saved = reader.read_metadata().state_dict_metadata
-    check_resumable(info, {n: tuple(p.shape) for n, p in params.items()})
-    # Parameters load in place; optimizer state gets fresh tensors shaped as saved.
-    state: dict[str, object] = {f"model/{n}": p.detach() for n, p in params.items()}
+    split = {s.param: s for s in shards}
+    shapes = {n: tp.full_shape(p, split[n].dim, split[n].ranges) if n in split else tuple(p.shape)
+              for n, p in params.items()}
+    check_resumable(info, shapes)
+    # Parameters load in place, split ones (whole in the checkpoint) into a whole tensor first;
+    # optimizer state gets fresh tensors shaped as saved.
+    state: dict[str, object] = {f"model/{n}": (torch.empty(shapes[n], dtype=p.dtype) if n in split else p.detach())
+                                for n, p in params.items()}
     optim_keys: dict[str, list[str]] = {}
     for key, meta in saved.items():
         kind, _, rest = key.partition("/")
@@ -180,24 +220,54 @@ def load(path: str | Path, *, rank: int, params: dict[str, torch.Tensor],
     if rng_key in saved:
         state[rng_key] = torch.empty(saved[rng_key].size, dtype=torch.uint8)
     dcp.load(state, storage_reader=reader)
+
+    def own_slice(name: str, value):
+        """This member's part of a loaded tensor: its slice of a split parameter's whole tensor."""
+        s = split.get(name)
+        if s is not None and isinstance(value, torch.Tensor) and tuple(value.shape) == shapes[name]:
+            value = tp.local_param(value, s.dim, s.ranges[tp_rank])
+        return value
+
+    with torch.no_grad():
+        for name in split:
+            params[name].copy_(own_slice(name, state[f"model/{name}"]))
     if optimizer is not None:
         for name, fields in optim_keys.items():
             p = params[name]
             optimizer.state[p] = {f: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-                                  for f in fields for v in [state[f"optim/{name}/{f}"]]}
+                                  for f in fields for v in [own_slice(name, state[f"optim/{name}/{f}"])]}
     if rng_key in state:
         torch.set_rng_state(state[rng_key])
     return info
 
 
-def _state(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None, rank: int) -> dict:
-    state: dict[str, object] = {f"model/{n}": p.detach().cpu() for n, p in params.items()}
-    if optimizer is not None:
-        by_id = {id(p): n for n, p in params.items()}
-        for p, per_param in optimizer.state.items():
-            name = by_id.get(id(p))
-            for field, value in (per_param.items() if name is not None else ()):
-                # Tensors go through DCP's tensor path; anything else (None, floats) is pickled by DCP.
-                state[f"optim/{name}/{field}"] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+def _state(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None, rank: int,
+           split: dict[str, ParamShard], tp_rank: int, tp_group) -> dict:
+    """The entries this rank saves, on the host; split parameters and their state put together whole."""
+
+    def whole(name: str, value: torch.Tensor, p: torch.Tensor, field: str | None = None) -> torch.Tensor:
+        s = split.get(name)
+        value = value.detach()
+        if s is None or value.dim() == 0:
+            return value.cpu()
+        if value.shape != p.shape:
+            raise UserError(f"The optimizer's state {field!r} of parameter {name!r} has shape {list(value.shape)}, "
+                            f"neither a scalar nor the shape {list(p.shape)} of this member's slice of the "
+                            "tensor-parallel parameter, so it cannot be put together for a checkpoint. Use an "
+                            "optimizer with per-element state (SGD, Adam, AdamW), or a plan without tensor "
+                            "parallelism (--tp 1) to checkpoint.")
+        return tp.gather_param(value, s.dim, s.ranges, tp_rank, tp_group).cpu()
+
+    # Every member of a TP group holds the same names in the same order (its stage's inputs), so
+    # their gathers below pair up; each whole tensor goes to the host before the next is made.
+    state: dict[str, object] = {}
+    for name, p in params.items():
+        state[f"model/{name}"] = whole(name, p, p)
+        per_param = optimizer.state.get(p, {}) if optimizer is not None else {}
+        for field in sorted(per_param):
+            value = per_param[field]
+            # Tensors go through DCP's tensor path; anything else (None, floats) is pickled by DCP.
+            state[f"optim/{name}/{field}"] = (whole(name, value, p, field) if isinstance(value, torch.Tensor)
+                                              else value)
     state[f"rng/rank{rank}"] = torch.get_rng_state()
     return state

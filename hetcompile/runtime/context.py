@@ -40,7 +40,7 @@ def _load_model_file(plan_dir: Path):
 class RankContext:
     """Everything rank ``rank`` needs to run its part of the plan in ``plan_dir``."""
 
-    def __init__(self, plan_dir: str, *, rank: int, stage, fingerprint: str | None = None,
+    def __init__(self, plan_dir: str, *, rank: int, stages: dict, fingerprint: str | None = None,
                  world_size: int | None = None):
         self.rank = rank
         self.step = None
@@ -48,12 +48,16 @@ class RankContext:
         self.dir = Path(plan_dir)
         self.plan = load(self.dir)
         # What rank_R.py was compiled for (baked into it); None for programs emitted before these checks.
-        self._check_launch(stage, fingerprint, world_size)
+        for stage in stages.values():
+            self._check_launch(stage, fingerprint, world_size)
         self.spec = self.plan.ranks[rank]
-        self.stage_spec = self.plan.stages[self.spec.stage]
-        self.stage = stage
+        self.stage_specs = {s: self.plan.stages[s] for s in self.spec.stages}
+        self.stages = stages  # stage index -> the module of its forward (stage_S.py)
+        # Stages of one rank share its devices, shares and TP group (interleaved: s, s + p, ...).
+        self.tp = self.stage_specs[self.spec.stages[0]].tp
         self.device, backend = _device_for(self.spec.device_type)
-        stage.DEVICE = self.device
+        for stage in stages.values():
+            stage.DEVICE = self.device
         timeout = float(os.environ.get("HETCOMPILE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         dist.init_process_group(backend, rank=rank, world_size=self.plan.world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
@@ -68,8 +72,11 @@ class RankContext:
         self._load_state()
         self.values = {v.name: v for v in self.plan.values}
         self.value_ids = {v.name: i for i, v in enumerate(self.plan.values)}
+        self.producer = {v.name: v.producer for v in self.plan.values}
+        # Values this rank both makes and reads (interleaved stages) move in memory, never over a link.
+        self.readers = {v.name: sum(c in self.stages for c in v.consumers) for v in self.plan.values}
         self.num_samples = self.spec.sample_hi - self.spec.sample_lo
-        self.is_last = self.spec.stage == len(self.plan.stages) - 1
+        self.last_stage = len(self.plan.stages) - 1
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -101,9 +108,9 @@ class RankContext:
         constants = torch.load(self.dir / "constants.pt", weights_only=True) if (self.dir / "constants.pt").exists() else {}
         self.params: dict[str, torch.Tensor] = {}
         self.fixed: dict[str, torch.Tensor] = {}
-        shards = {p.param: p for p in self.stage_spec.param_shards}
+        self.shards = shards = {p.param: p for st in self.stage_specs.values() for p in st.param_shards}
         self.split_params = set(shards)  # tensor parallel: this member holds a slice of these
-        for inp in self.stage_spec.inputs:
+        for inp in (i for st in self.stage_specs.values() for i in st.inputs):
             if inp.kind == "param" and inp.target not in self.params:
                 p = model.get_parameter(inp.target)
                 value = p.detach()
@@ -133,11 +140,16 @@ class RankContext:
         # backward wait for it. On gloo a blocking recv costs a round trip to the sender, and
         # the receives of a micro-batch one after another cost one each; posted together they
         # overlap (4 receives: 5x faster on a loaded 2-core machine, benchmarks/RESULTS.md).
+        # NOTE: [values on a rank] Keyed by (micro-batch, value name): ``held`` is a value this rank
+        # has, received or made here, until the last of its stages that read it ran forward;
+        # ``grads`` sums a value's gradient from this rank's readers and the received ones, for
+        # send_grad or for the backward of the stage here that made it.
         self.inbox: dict[tuple[int, str], list[tuple[int, torch.Tensor, _PostedRecv]]] = {}
         self.grad_recvs: dict[int, list[tuple[str, tuple[int, int], torch.Tensor, _PostedRecv]]] = {}
-        self.grad_inbox: dict[tuple[int, str], torch.Tensor] = {}
-        self.saved: dict[int, tuple[dict, dict]] = {}
-        self.rerun: dict[int, tuple[list, tuple]] = {}  # recompute: a micro-batch's inputs and RNG state
+        self.held: dict[tuple[int, str], tuple[torch.Tensor, int]] = {}  # value, its readers still to run
+        self.grads: dict[tuple[int, str], torch.Tensor] = {}
+        self.saved: dict[tuple[int, int], tuple[dict, dict]] = {}  # (stage, mb) -> input leaves, outputs
+        self.rerun: dict[tuple[int, int], tuple[list, tuple]] = {}  # recompute: inputs and RNG state
         self.pending: list = []
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.params.values():
@@ -164,7 +176,7 @@ class RankContext:
 
     def send(self, name: str, *, mb: int, dst: int, samples: tuple[int, int]) -> None:
         """Send the rows of output ``name`` for ``samples`` of micro-batch ``mb`` to rank ``dst``."""
-        out = self.saved[mb][1][name].detach()
+        out = self.saved[self.producer[name], mb][1][name].detach()
         self._isend(self._local(out, name, samples), dst, self._tag(mb, name, False, samples[0]))
 
     def recv_grad(self, name: str, *, mb: int, src: int, samples: tuple[int, int]) -> None:
@@ -178,8 +190,8 @@ class RankContext:
         """Wait for the gradients received for micro-batch ``mb`` and add them up per output."""
         for name, samples, buf, posted in self.grad_recvs.pop(mb, ()):
             posted.wait()
-            out = self.saved[mb][1][name]
-            total = self.grad_inbox.setdefault((mb, name), torch.zeros_like(out))
+            out = self.saved[self.producer[name], mb][1][name]
+            total = self.grads.setdefault((mb, name), torch.zeros_like(out))
             rows = self._local_rows(name, samples)
             if rows is None:
                 total += buf
@@ -188,8 +200,9 @@ class RankContext:
 
     def send_grad(self, name: str, *, mb: int, dst: int, samples: tuple[int, int]) -> None:
         """Send the gradient of input ``name`` for ``samples`` back to its producer ``dst``."""
-        leaf = self.saved[mb][0][name]
-        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        grad = self.grads.get((mb, name))
+        if grad is None:  # no reader here needed it (no path to the loss): a zero gradient
+            grad = torch.zeros(self._buffer(name, self.num_samples).shape, device=self.device)
         self._isend(self._local(grad, name, samples), dst, self._tag(mb, name, True, samples[0]))
 
     def _local_rows(self, name: str, samples: tuple[int, int]) -> slice | None:
@@ -202,12 +215,12 @@ class RankContext:
     def _isend(self, t: torch.Tensor, dst: int, tag: int) -> None:
         self.pending.append((dist.isend(t, dst, tag=tag), t))
 
-    def forward(self, *, mb: int) -> None:
-        """Run this stage's forward on this rank's samples of micro-batch ``mb``."""
-        b = self.plan.microbatch_size
+    def forward(self, stage: int, *, mb: int) -> None:
+        """Run ``stage``'s forward on this rank's samples of micro-batch ``mb``."""
+        spec, b = self.stage_specs[stage], self.plan.microbatch_size
         lo, hi = mb * b + self.spec.sample_lo, mb * b + self.spec.sample_hi
         args, leaves = [], {}
-        for inp in self.stage_spec.inputs:
+        for inp in spec.inputs:
             if inp.kind == "param":
                 args.append(self.params[inp.target])
             elif inp.kind in ("buffer", "constant"):
@@ -215,48 +228,65 @@ class RankContext:
             elif inp.kind == "input":
                 args.append(self.batch[inp.input_index][lo:hi].to(self.device))
             else:
-                pieces = [posted.wait() for _, _, posted in sorted(self.inbox.pop((mb, inp.name)), key=lambda p: p[0])]
-                x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                x = self._take((mb, inp.name)).detach()  # each reader differentiates its own leaf
                 x.requires_grad_(self.values[inp.name].requires_grad)
                 leaves[inp.name] = x
                 args.append(x)
-        if self.stage_spec.recompute:
+        run = self.stages[stage].forward
+        if spec.recompute:
             # NOTE: [recompute] Keep the inputs and the RNG state instead of the activations;
             # backward reruns the forward with the same random numbers (dropout), then
             # differentiates it. Outputs are sent from this no-grad run: they are identical.
             rng = self._rng_state()
             with torch.no_grad():
-                outs = dict(zip(self.stage_spec.outputs, self.stage.forward(*args)))
-            self.rerun[mb] = (args, rng)
+                outs = dict(zip(spec.outputs, run(*args)))
+            self.rerun[stage, mb] = (args, rng)
         else:
-            outs = dict(zip(self.stage_spec.outputs, self.stage.forward(*args)))
-        self.saved[mb] = (leaves, outs)
-        if self.is_last and self.spec.tp_rank == 0:  # the members of a TP group hold the same loss
+            outs = dict(zip(spec.outputs, run(*args)))
+        self.saved[stage, mb] = (leaves, outs)
+        for name, out in outs.items():
+            if self.readers.get(name):
+                self.held[mb, name] = (out.detach(), self.readers[name])
+        if stage == self.last_stage and self.spec.tp_rank == 0:  # the members of a TP group hold the same loss
             self.loss_sum += outs[self.plan.loss].detach().double() * (self.num_samples / self.plan.global_batch)
 
-    def backward(self, *, mb: int) -> None:
-        """Backward of micro-batch ``mb``: the loss weighted by this piece's share of the global batch,
-        and the gradients received for the outputs."""
+    def _take(self, key: tuple[int, str]) -> torch.Tensor:
+        """A value input for one of this rank's stages (see NOTE: [values on a rank])."""
+        if key in self.inbox:  # received: wait for its pieces, in sample order
+            pieces = [posted.wait() for _, _, posted in sorted(self.inbox.pop(key), key=lambda p: p[0])]
+            self.held[key] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces), self.readers[key[1]])
+        value, readers_left = self.held.pop(key)
+        if readers_left > 1:
+            self.held[key] = (value, readers_left - 1)
+        return value
+
+    def backward(self, stage: int, *, mb: int) -> None:
+        """Backward of ``stage`` for micro-batch ``mb``: the loss weighted by this piece's share of the
+        global batch, and the gradients of the outputs (received, or from this rank's later stages)."""
         self._collect_grads(mb)
-        leaves, outs = self.saved[mb]
-        if self.stage_spec.recompute:
-            args, rng = self.rerun.pop(mb)
+        spec = self.stage_specs[stage]
+        leaves, outs = self.saved.pop((stage, mb))
+        if spec.recompute:
+            args, rng = self.rerun.pop((stage, mb))
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 self._set_rng_state(rng)
-                outs = dict(zip(self.stage_spec.outputs, self.stage.forward(*args)))
+                outs = dict(zip(spec.outputs, self.stages[stage].forward(*args)))
         tensors, grads = [], []
-        if self.is_last:
+        if stage == self.last_stage:
             tensors.append(outs[self.plan.loss])
             grads.append(torch.tensor(self.num_samples / self.plan.global_batch, device=self.device,
                                       dtype=outs[self.plan.loss].dtype))
         for name, out in outs.items():
-            g = self.grad_inbox.pop((mb, name), None)
+            g = self.grads.pop((mb, name), None)
             if g is not None and out.requires_grad:
                 tensors.append(out)
                 grads.append(g)
         if tensors:
             torch.autograd.backward(tensors, grads)
-        self.saved[mb] = (leaves, {})
+        for name, leaf in leaves.items():  # this stage's share of its inputs' gradients
+            if leaf.grad is not None:
+                total = self.grads.get((mb, name))
+                self.grads[mb, name] = leaf.grad if total is None else total + leaf.grad
 
     def _rng_state(self) -> tuple:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
@@ -273,9 +303,9 @@ class RankContext:
         group = next(g for g in self.plan.grad_groups if g.ranks == tuple(ranks))
         params = [self.params[name] for name in group.params]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if self.stage_spec.tp > 1:
+        if self.tp > 1:
             # A whole parameter has the same gradient on every member of the TP group: each adds 1/tp.
-            grads = [g if name in self.split_params else g / self.stage_spec.tp for name, g in zip(group.params, grads)]
+            grads = [g if name in self.split_params else g / self.tp for name, g in zip(group.params, grads)]
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=self.groups[group.ranks])
         for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
@@ -309,7 +339,8 @@ class RankContext:
             if args.resume:
                 # --steps counts every step: a checkpoint taken after K steps resumes at step K.
                 start = checkpoint.load(args.resume, rank=self.rank, params=self.params,
-                                        optimizer=self.optimizer).step
+                                        optimizer=self.optimizer, shards=tuple(self.shards.values()),
+                                        tp_rank=self.spec.tp_rank).step
             # end_step's all-reduce synchronises every rank, so the time between two of
             # them on rank 0 is the step time of the whole plan (what `predicted` estimates).
             last_s = time.perf_counter()
@@ -321,7 +352,9 @@ class RankContext:
                 if args.checkpoint_dir and ((step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps):
                     checkpoint.save(args.checkpoint_dir, step=step + 1, rank=self.rank,
                                     world_size=self.plan.world_size, plan_fingerprint=self.plan.fingerprint,
-                                    params=self.params, optimizer=self.optimizer)
+                                    params=self.params, optimizer=self.optimizer,
+                                    shards=tuple(self.shards.values()), tp_rank=self.spec.tp_rank,
+                                    tp_group=tp.GROUP)
                     now_s = time.perf_counter()  # the save is not part of the next step's time
                 last_s = now_s
             if args.save_params:
