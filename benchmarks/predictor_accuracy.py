@@ -63,10 +63,13 @@ PLANS = [
     ("llama 3 stages 1f1b M=4", "llama.py", "1f1b", 4,
      [(0, 1, (0,), (1,)), (2, 3, (1,), (1,)), (4, -1, (2,), (1,))]),
     ("gpt2 1 stage DP 1:1 gpipe M=1", "gpt2.py", "gpipe", 1, [(0, -1, (0, 1), (1, 1))]),
+    ("gpt2 4 stages on 2 ranks interleaved M=4", "gpt2.py", "interleaved", 4,
+     [(0, 1, (0,), (1,)), (2, 2, (1,), (1,)), (3, 3, (0,), (1,)), (4, -1, (1,), (1,))]),
 ]
 
 
-def pinned_decision(stages, num_microbatches: int, num_blocks: int, global_batch: int) -> PlanDecision:
+def pinned_decision(stages, num_microbatches: int, num_blocks: int, global_batch: int,
+                    schedule: str = "1f1b") -> PlanDecision:
     """The PlanDecision of a PLANS entry for a model of ``num_blocks`` blocks and this global batch."""
     b = global_batch // num_microbatches
     out = []
@@ -74,7 +77,7 @@ def pinned_decision(stages, num_microbatches: int, num_blocks: int, global_batch
         shares = [b * w // sum(weights) for w in weights]
         shares[0] += b - sum(shares)
         out.append(StageDecision(first % num_blocks, last % num_blocks, tuple(devices), tuple(shares)))
-    return PlanDecision(stages=tuple(out), num_microbatches=num_microbatches, microbatch_size=b)
+    return PlanDecision(stages=tuple(out), num_microbatches=num_microbatches, microbatch_size=b, schedule=schedule)
 
 
 def measure_step_s(plan_dir: Path, steps: int, warmup: int) -> tuple[float, list[float]]:
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
             if args.only and args.only not in label:
                 continue
             _, costs = analyze(EXAMPLES / model)
-            decision = pinned_decision(stages, num_microbatches, costs.num_blocks, costs.global_batch)
+            decision = pinned_decision(stages, num_microbatches, costs.num_blocks, costs.global_batch, schedule)
             profile = fixed or measure_profile("cpu", num_ranks=2, num_threads=1, quick=True,
                                                models=() if args.no_blocks else (EXAMPLES / model,))
             profiles.append(profile)

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/runtime_overhead.py [--steps 25] [--warmup 5] [--rounds 3] [--cases mlp-gpipe,...]
 
-For each case: two pipeline stages on two gloo ranks on this CPU (one torch
+For each case: two pipeline stages on two gloo ranks on this CPU (four stages,
+two per rank, for the interleaved cases; one torch
 thread per rank), the same model file, the same split, the same schedule and
 micro-batch count, the same optimizer (the model file's ``get_optimizer``)
 and the same per-step batch (``get_batch(step)`` on every rank). Two ways:
@@ -10,7 +11,8 @@ and the same per-step batch (``get_batch(step)`` on every rank). Two ways:
 - hetcompile: ``hetcompile.compile(..., decision=pinned)`` then
   ``hetcompile.launch.run`` (the emitted ``rank_R.py`` programs under torchrun);
 - reference: this file under torchrun with ``--reference CASE``: hand-written
-  stage modules, ``PipelineStage`` + ``ScheduleGPipe`` / ``Schedule1F1B``, then
+  stage modules, ``PipelineStage`` + ``ScheduleGPipe`` / ``Schedule1F1B`` /
+  ``ScheduleInterleaved1F1B``, then
   ``optimizer.step()`` and an all-reduce of the loss (hetcompile's ``end_step``
   does the same, so both step ends are a synchronisation of every rank).
 
@@ -39,70 +41,66 @@ sys.path.insert(0, str(ROOT))
 
 EXAMPLES = ROOT / "examples"
 
-# case -> (model file, schedule, micro-batches, last block of stage 0, split layer index for the reference)
+# case -> (model file, schedule, micro-batches, the last block of every stage but the last);
+# stage s runs on rank s % 2
 CASES = {
-    "mlp-gpipe": ("mlp.py", "gpipe", 4, 6),
-    "mlp-1f1b": ("mlp.py", "1f1b", 4, 6),
-    "llama-1f1b": ("llama.py", "1f1b", 4, 2),
-    "llama-gpipe": ("llama.py", "gpipe", 2, 2),
+    "mlp-gpipe": ("mlp.py", "gpipe", 4, (6,)),
+    "mlp-1f1b": ("mlp.py", "1f1b", 4, (6,)),
+    "llama-1f1b": ("llama.py", "1f1b", 4, (2,)),
+    "llama-gpipe": ("llama.py", "gpipe", 2, (2,)),
+    "mlp-interleaved": ("mlp.py", "interleaved", 4, (3, 6, 9)),
+    "llama-interleaved": ("llama.py", "interleaved", 4, (1, 2, 3)),
 }
+
+
+def _stage_blocks(case: str, num_blocks: int) -> list[tuple[int, int]]:
+    last = CASES[case][3]
+    firsts = [0] + [b + 1 for b in last]
+    return list(zip(firsts, list(last) + [num_blocks - 1]))
 
 
 # ---------------------------------------------------------------- the hand-written reference
 
 
-def _build_reference(case: str, mf, model, rank: int):
+def _build_reference(mf, model, first: int, last: int, num_blocks: int):
+    """The hand-written module of the stage with blocks ``first..last``."""
     import torch
     import torch.nn.functional as F
 
-    model_file, _, _, last_block = CASES[case]
-    if model_file == "mlp.py":
-        # Blocks 0..12 are the Sequential's 13 modules, block 13 the loss.
-        layers = list(model)
-        module = torch.nn.Sequential(*(layers[:last_block + 1] if rank == 0 else layers[last_block + 1:]))
-        return module, mf.loss_fn
+    if isinstance(model, torch.nn.Sequential):  # mlp.py: blocks 0..12 the Sequential's modules, 13 the loss
+        return torch.nn.Sequential(*list(model)[first:min(last, len(model) - 1) + 1]), mf.loss_fn
 
     # Llama: block 0 the embedding, blocks 1..4 the decoder layers, block 5 norm + head + loss.
     inner = model.model
-    split = last_block  # stage 0 holds decoder layers 0..split-1
 
-    class First(torch.nn.Module):
+    class Piece(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed_tokens, self.rotary_emb = inner.embed_tokens, inner.rotary_emb
-            self.layers = torch.nn.ModuleList(inner.layers[:split])
+            self.embed_tokens = inner.embed_tokens if first == 0 else None
+            self.rotary_emb = inner.rotary_emb
+            self.layers = torch.nn.ModuleList(inner.layers[max(first, 1) - 1:min(last, num_blocks - 2)])
+            self.norm, self.lm_head = (inner.norm, model.lm_head) if last == num_blocks - 1 else (None, None)
 
-        def forward(self, input_ids):
-            h = self.embed_tokens(input_ids)
+        def forward(self, h):
+            if self.embed_tokens is not None:
+                h = self.embed_tokens(h)
             pos = torch.arange(h.shape[1]).unsqueeze(0)
             pe = self.rotary_emb(h, pos)
             for layer in self.layers:  # attention_mask None: causal SDPA, as the model's own mask
                 h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
-            return h
-
-    class Last(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rotary_emb, self.norm, self.lm_head = inner.rotary_emb, inner.norm, model.lm_head
-            self.layers = torch.nn.ModuleList(inner.layers[split:])
-
-        def forward(self, h):
-            pos = torch.arange(h.shape[1]).unsqueeze(0)
-            pe = self.rotary_emb(h, pos)
-            for layer in self.layers:
-                h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
-            return self.lm_head(self.norm(h))
+            return h if self.lm_head is None else self.lm_head(self.norm(h))
 
     def causal_lm_loss(logits, labels):
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
 
-    return (First() if rank == 0 else Last()), causal_lm_loss
+    return Piece(), causal_lm_loss
 
 
 def reference_worker(case: str, steps: int) -> None:
     import torch
     import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                              ScheduleInterleaved1F1B)
 
     from hetcompile.modelfile import load_model_file
 
@@ -111,13 +109,20 @@ def reference_worker(case: str, steps: int) -> None:
     dist.init_process_group("gloo")
     mf = load_model_file(EXAMPLES / model_file)
     model = mf.build_model(0)
-    module, loss_fn = _build_reference(case, mf, model, rank)
-    is_last = rank == world - 1
-    stage = PipelineStage(module, rank, world, torch.device("cpu"))
-    schedule_cls = ScheduleGPipe if schedule_name == "gpipe" else Schedule1F1B
+    num_blocks = len(model) + 1 if isinstance(model, torch.nn.Sequential) else len(model.model.layers) + 2
+    blocks = _stage_blocks(case, num_blocks)
+    mine = [s for s in range(len(blocks)) if s % world == rank]
+    built = [_build_reference(mf, model, *blocks[s], num_blocks) for s in mine]
+    loss_fn = built[0][1]
+    is_last = len(blocks) - 1 in mine
+    stages = [PipelineStage(module, s, len(blocks), torch.device("cpu")) for (module, _), s in zip(built, mine)]
     # Every rank gets the loss: without one, a schedule runs forward only.
-    schedule = schedule_cls(stage, num_microbatches, loss_fn=loss_fn)
-    optimizer = mf.get_optimizer(list(module.parameters()))
+    if schedule_name == "interleaved":
+        schedule = ScheduleInterleaved1F1B(stages, num_microbatches, loss_fn=loss_fn)
+    else:
+        schedule_cls = ScheduleGPipe if schedule_name == "gpipe" else Schedule1F1B
+        schedule = schedule_cls(stages[0], num_microbatches, loss_fn=loss_fn)
+    optimizer = mf.get_optimizer([p for module, _ in built for p in module.parameters()])
     last_s = time.perf_counter()
     for step in range(steps):
         flat, _ = mf.flat_batch(step)  # every rank fetches the batch, as hetcompile's start_step does
@@ -176,12 +181,12 @@ def compile_case(case: str, out_dir: Path) -> Path:
     from hetcompile.compiler import analyze
     from hetcompile.planner import PlanDecision, StageDecision
 
-    model_file, schedule, num_microbatches, last_block = CASES[case]
+    model_file, schedule, num_microbatches, _ = CASES[case]
     _, costs = analyze(EXAMPLES / model_file)
     b = costs.global_batch // num_microbatches
-    decision = PlanDecision(stages=(StageDecision(0, last_block, (0,), (b,)),
-                                    StageDecision(last_block + 1, costs.num_blocks - 1, (1,), (b,))),
-                            num_microbatches=num_microbatches, microbatch_size=b)
+    decision = PlanDecision(stages=tuple(StageDecision(first, last, (s % 2,), (b,)) for s, (first, last)
+                                         in enumerate(_stage_blocks(case, costs.num_blocks))),
+                            num_microbatches=num_microbatches, microbatch_size=b, schedule=schedule)
     plan = hetcompile.compile(str(EXAMPLES / model_file), {"nodes": [{"device": "CPU", "count": 2}]},
                               schedule=schedule, microbatches=num_microbatches, decision=decision)
     return plan.save(out_dir / case)

@@ -35,12 +35,14 @@ def _pinned(num_blocks: int, batch: int, microbatches: int, recompute: bool = Fa
     ), num_microbatches=microbatches, microbatch_size=b)
 
 
-def _interleaved(num_blocks: int, batch: int, microbatches: int) -> PlanDecision:
-    """Four stages round two device groups (A100s 3:1, V100s 1:3), the third recomputing: stages 0 and 2
-    on one group, 1 and 3 on the other."""
+def _interleaved(num_blocks: int, batch: int, microbatches: int, tp: bool = False) -> PlanDecision:
+    """Four stages round two device groups (A100s 3:1 data parallel, or one TP group with 3:1 shards;
+    V100s 1:3), the third recomputing: stages 0 and 2 on one group, 1 and 3 on the other."""
     b = batch // microbatches
     cuts = [0, 1, num_blocks // 2, num_blocks - 2, num_blocks]
-    groups = [dict(devices=(0, 1), shares=(b - b // 4, b // 4)), dict(devices=(3, 4), shares=(b // 4, b - b // 4))]
+    a100 = (dict(devices=(0, 1), shares=(b, b), tp=2, tp_parts=(3, 1)) if tp
+            else dict(devices=(0, 1), shares=(b - b // 4, b // 4)))
+    groups = [a100, dict(devices=(3, 4), shares=(b // 4, b - b // 4))]
     return PlanDecision(stages=tuple(StageDecision(first_block=cuts[i], last_block=cuts[i + 1] - 1,
                                                    recompute=i == 2, **groups[i % 2]) for i in range(4)),
                         num_microbatches=microbatches, microbatch_size=b, schedule="interleaved")
@@ -75,14 +77,15 @@ def test_plan_trains_like_one_device(model, schedule, examples, tmp_path):
     _check_equivalence(examples / model, schedule, tmp_path)
 
 
-@pytest.mark.parametrize("model", ["gpt2.py", "bert.py"])
-def test_interleaved_trains_like_one_device(model, examples, tmp_path):
-    """Interleaved 1F1B: each rank runs two stages. BERT's padding mask, made in stage 0, is read by
-    every stage: once in memory on its own rank, and received once for both stages of the other."""
+@pytest.mark.parametrize("model,tp", [("gpt2.py", True), ("bert.py", False)])
+def test_interleaved_trains_like_one_device(model, tp, examples, tmp_path):
+    """Interleaved 1F1B: each rank runs two stages (GPT-2: the A100 group's two stages tensor parallel,
+    3:1 heads). BERT's padding mask, made in stage 0, is read by every stage: once in memory on its
+    own rank, and received once for both stages of the other."""
     mf = load_model_file(examples / model)
     _, costs = analyze(mf)
     plan = hetcompile.compile(mf, CLUSTER, schedule="interleaved",
-                              decision=_interleaved(costs.num_blocks, costs.global_batch, 4))
+                              decision=_interleaved(costs.num_blocks, costs.global_batch, 4, tp))
     assert plan.chunks == 2 and all(len(r.stages) == 2 for r in plan.ranks)
     if model == "bert.py":
         assert any(len(v.consumers) == 3 for v in plan.values), "a value read by every later stage"
