@@ -506,10 +506,13 @@ def emit_rank(plan: Plan, rank: RankSpec, actions) -> str:
         tensor_parallel = (f"\nTensor:   member {rank.tp_rank} of a {st.tp}-way tensor-parallel group (ranks "
                            f"{', '.join(map(str, st.ranks[rank.replica * st.tp:(rank.replica + 1) * st.tp]))}), "
                            f"shares {':'.join(map(str, parts))}")
-    stages_doc = "\n".join(
-        f"{'Stage:' if i == 0 else '':<10}{s} of {len(plan.stages)}, blocks {plan.stages[s].first_block}.."
-        f"{plan.stages[s].last_block} ({plan.stages[s].block_names[0]} .. {plan.stages[s].block_names[-1]})"
-        for i, s in enumerate(rank.stages))
+    def blocks_text(st: StageSpec) -> str:
+        if st.first_block == st.last_block:
+            return f"block {st.first_block} ({st.block_names[0]})"
+        return f"blocks {st.first_block}..{st.last_block} ({st.block_names[0]} .. {st.block_names[-1]})"
+
+    stages_doc = "\n".join(f"{'Stage:' if i == 0 else '':<10}{s} of {len(plan.stages)}, {blocks_text(plan.stages[s])}"
+                           for i, s in enumerate(rank.stages))
     chunks_doc = f" ({len(rank.stages)} stages per rank)" if len(rank.stages) > 1 else ""
     imports = "\n".join(f"import {stage_module(plan.stages[s], rank.tp_rank)} as stage_{s}  # noqa: E402"
                         for s in rank.stages)

@@ -50,6 +50,7 @@ class RankSpan:
     microbatch: int  # -1 for the all-reduce
     start_s: float
     end_s: float
+    stage: int = -1  # the stage a compute span runs (a rank runs several with the interleaved schedule)
 
     @property
     def duration_s(self) -> float:
@@ -139,7 +140,7 @@ def rank_spans(plan, timeline: Timeline | None = None, ranks=None) -> dict[int, 
         if span.kind in (FORWARD, BACKWARD):
             for r in ranks_of_stage.get(s, []):
                 compute[r].append(RankSpan(r, COMPUTE_TRACK, span.kind, f"{span.kind}{tag(s)} mb{m}", m,
-                                           span.start_s, span.end_s))
+                                           span.start_s, span.end_s, stage=s))
         elif span.kind == "allreduce":
             if span.duration_s > 0:
                 for r in ranks_of_stage.get(s, []):
@@ -245,9 +246,11 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
             boxes[sp.kind].append([(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
             # Micro-batch numbers only where they fit (a label wider than its bar is noise), and not
             # for many ranks, where the colours already tell forward from backward.
+            # Interleaved: "2.0" is stage 2, micro-batch 0 (a rank runs several stages).
+            label = str(sp.microbatch) if plan.chunks == 1 else f"{sp.stage}.{sp.microbatch}"
             if (sp.track == COMPUTE_TRACK and n <= 24
-                    and sp.duration_s * scale * px_per_unit > 7 * len(str(sp.microbatch)) + 4):
-                ax.text((x0 + x1) / 2, y - 0.1, str(sp.microbatch), ha="center", va="center",
+                    and sp.duration_s * scale * px_per_unit > 7 * len(label) + 4):
+                ax.text((x0 + x1) / 2, y - 0.1, label, ha="center", va="center",
                         fontsize=label_size - 1, color="white")
     for kind, verts in boxes.items():
         if verts:
@@ -271,7 +274,8 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
     ax.set_title(f"{plan.model_file}: {plan.schedule}, {plan.num_microbatches} "
                  f"micro-batch{'es' if plan.num_microbatches != 1 else ''} x "
                  f"{plan.microbatch_size} samples, {plan.world_size} ranks, {len(plan.stages)} stage{'s' if len(plan.stages) > 1 else ''}; "
-                 f"bubble {p['bubble_fraction'] * 100:.0f}%, {format_rate(p['samples_per_s'])} samples/s",
+                 f"bubble {p['bubble_fraction'] * 100:.0f}%, {format_rate(p['samples_per_s'])} samples/s"
+                 + ("; bars: stage.micro-batch" if plan.chunks > 1 else ""),
                  fontsize=10, loc="left")
     fig.legend(handles=[Patch(color=_COLORS[k], label=_LABELS[k]) for k in _COLORS], ncol=5, fontsize=8,
                loc="lower left", bbox_to_anchor=(left, 0.02 / fig_h), frameon=False)
