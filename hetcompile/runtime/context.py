@@ -63,11 +63,13 @@ class RankContext:
                                 timeout=datetime.timedelta(seconds=timeout))
         # Every rank creates every group, in plan order, as torch.distributed requires.
         self.groups = {g.ranks: dist.new_group(list(g.ranks)) for g in self.plan.grad_groups}
-        for st in self.plan.stages:  # tensor-parallel groups: the members of each replica
-            for i in range(0, len(st.ranks) if st.tp > 1 else 0, st.tp):
-                group = dist.new_group(list(st.ranks[i:i + st.tp]))
-                if self.rank in st.ranks[i:i + st.tp]:
-                    tp.GROUP = group
+        # Tensor-parallel groups: the members of each replica (interleaved stages share theirs).
+        tp_groups = dict.fromkeys(st.ranks[i:i + st.tp] for st in self.plan.stages
+                                  for i in range(0, len(st.ranks) if st.tp > 1 else 0, st.tp))
+        for members in tp_groups:
+            group = dist.new_group(list(members))
+            if self.rank in members:
+                tp.GROUP = group
         self.model_file = _load_model_file(self.dir)
         self._load_state()
         self.values = {v.name: v for v in self.plan.values}
@@ -202,7 +204,7 @@ class RankContext:
         """Send the gradient of input ``name`` for ``samples`` back to its producer ``dst``."""
         grad = self.grads.get((mb, name))
         if grad is None:  # no reader here needed it (no path to the loss): a zero gradient
-            grad = torch.zeros(self._buffer(name, self.num_samples).shape, device=self.device)
+            grad = torch.zeros_like(self._buffer(name, self.num_samples))
         self._isend(self._local(grad, name, samples), dst, self._tag(mb, name, True, samples[0]))
 
     def _local_rows(self, name: str, samples: tuple[int, int]) -> slice | None:
