@@ -61,17 +61,19 @@ def best_interleaving(decision, costs, cluster, *, required: bool = False):
     def fits(predicted) -> bool:
         return all(m["mem_bytes"] <= m["capacity_bytes"] for m in predicted["memory"])
 
-    best, best_s = (None, float("inf")) if required else (decision, predict(decision, costs, cluster,
-                                                                            decision.schedule)[0]["step_time_s"])
-    for chunks in range(2, MAX_CHUNKS + 1):
-        candidate = interleaved(decision, chunks)
-        if candidate is None:
-            continue
+    candidates = [c for c in (interleaved(decision, chunks) for chunks in range(2, MAX_CHUNKS + 1)) if c]
+    best, best_s = None, float("inf")
+    if candidates and not required:  # (a simulation of a big plan takes a second: only when needed)
+        best, best_s = decision, predict(decision, costs, cluster, decision.schedule)[0]["step_time_s"]
+    for candidate in candidates:
+        chunks = chunks_of(candidate)
         predicted, _ = predict(candidate, costs, cluster, "interleaved")
         logger.debug("interleave %d chunks: %.6f s (fits %s), against %.6f s", chunks, predicted["step_time_s"],
                      fits(predicted), best_s)
         if fits(predicted) and predicted["step_time_s"] < best_s:
             best, best_s = candidate, predicted["step_time_s"]
+    if best is None and not required:
+        return decision
     if best is None:
         p, m = len(decision.stages), decision.num_microbatches
         raise UserError(
