@@ -279,11 +279,17 @@ def _dependency(action: Action, num_stages: int) -> Action | None:
 
     See NOTE: [Data dependencies between stages].
     """
-    if action.kind == FORWARD:
-        return None if action.stage == 0 else Action(action.stage - 1, FORWARD, action.microbatch)
-    if action.stage == num_stages - 1:
-        return Action(action.stage, FORWARD, action.microbatch)
-    return Action(action.stage + 1, BACKWARD, action.microbatch)
+    key = _dependency_key(action.stage, action.kind, action.microbatch, num_stages)
+    return None if key is None else Action(*key)
+
+
+def _dependency_key(stage: int, kind: str, microbatch: int, num_stages: int) -> tuple[int, str, int] | None:
+    """:func:`_dependency` as a plain tuple: the simulator's inner loop runs it for every action."""
+    if kind == FORWARD:
+        return None if stage == 0 else (stage - 1, FORWARD, microbatch)
+    if stage == num_stages - 1:
+        return (stage, FORWARD, microbatch)
+    return (stage + 1, BACKWARD, microbatch)
 
 
 def num_stages_of(schedule: Sequence[Sequence[Action]]) -> int:
@@ -365,18 +371,18 @@ def _check_deadlock_free(schedule: Sequence[Sequence[Action]]) -> None:
     """
     num_slots, num_stages = len(schedule), num_stages_of(schedule)
     next_index = [0] * num_slots
-    done: set[Action] = set()
+    done: set[tuple[int, str, int]] = set()
     columns: list[list[Action | None]] = [[] for _ in range(num_slots)]
     while any(next_index[r] < len(schedule[r]) for r in range(num_slots)):
-        ran_now: list[Action] = []
+        ran_now: list[tuple[int, str, int]] = []
         for r in range(num_slots):
             if next_index[r] == len(schedule[r]):
                 columns[r].append(None)
                 continue
             action = schedule[r][next_index[r]]
-            dep = _dependency(action, num_stages)
+            dep = _dependency_key(action.stage, action.kind, action.microbatch, num_stages)
             if dep is None or dep in done:
-                ran_now.append(action)
+                ran_now.append((action.stage, action.kind, action.microbatch))
                 columns[r].append(action)
                 next_index[r] += 1
             else:
@@ -500,7 +506,7 @@ def simulate(
             "send_fwd_s[s] is the time from stage s to s+1, send_bwd_s[s] from s to s-1"
         )
 
-    end_s: dict[Action, float] = {}
+    end_s: dict[tuple[int, str, int], float] = {}  # (stage, kind, micro-batch) -> when it ends
     spans: list[Span] = []
     next_index = [0] * num_slots
     free_at_s = [0.0] * num_slots  # per slot: one compute resource runs all of its stages
@@ -517,14 +523,15 @@ def simulate(
     notice_fwd = [0.0] * num_stages if notice_fwd_s is None else notice_fwd_s
     notice_bwd = [0.0] * num_stages if notice_bwd_s is None else notice_bwd_s
 
-    def arrival_s(dep: Action, consumer_slot: int) -> float:
-        if dep.stage % num_slots == consumer_slot:  # the same devices (the loss's own forward): no transfer
+    def arrival_s(dep: tuple[int, str, int], consumer_slot: int) -> float:
+        stage, kind, _ = dep
+        if stage % num_slots == consumer_slot:  # the same devices (the loss's own forward): no transfer
             return end_s[dep]
-        send = send_fwd_s if dep.kind == FORWARD else send_bwd_s
+        send = send_fwd_s if kind == FORWARD else send_bwd_s
         if not rendezvous:
-            return end_s[dep] + send[dep.stage]
-        notice = notice_fwd if dep.kind == FORWARD else notice_bwd
-        return max(end_s[dep], free_at_s[consumer_slot] + notice[dep.stage]) + send[dep.stage]
+            return end_s[dep] + send[stage]
+        notice = notice_fwd if kind == FORWARD else notice_bwd
+        return max(end_s[dep], free_at_s[consumer_slot] + notice[stage]) + send[stage]
 
     # validate() proved the lock-step run finishes, so each sweep schedules at
     # least one action; start times do not depend on the sweep order because
@@ -534,19 +541,18 @@ def simulate(
         for r in range(num_slots):
             while next_index[r] < len(schedule[r]):
                 action = schedule[r][next_index[r]]
-                dep = _dependency(action, num_stages)
+                s, kind, m = action.stage, action.kind, action.microbatch
+                dep = _dependency_key(s, kind, m, num_stages)
                 if dep is not None and dep not in end_s:
                     break
-                s = action.stage
                 ready_s = 0.0 if dep is None else arrival_s(dep, r)
                 start_s = max(free_at_s[r], ready_s)
-                duration_s = fwd_s[s] if action.kind == FORWARD else bwd_s[s]
-                done_s = end_s[action] = free_at_s[r] = start_s + duration_s
-                m = action.microbatch
-                spans.append(Span(s, action.kind, m, start_s, done_s))
-                if action.kind == FORWARD and s < num_stages - 1:
+                duration_s = fwd_s[s] if kind == FORWARD else bwd_s[s]
+                done_s = end_s[s, kind, m] = free_at_s[r] = start_s + duration_s
+                spans.append(Span(s, kind, m, start_s, done_s))
+                if kind == FORWARD and s < num_stages - 1:
                     spans.append(Span(s, "send_F", m, done_s, done_s + send_fwd_s[s]))
-                if action.kind == BACKWARD and s > 0:
+                if kind == BACKWARD and s > 0:
                     spans.append(Span(s, "send_B", m, done_s, done_s + send_bwd_s[s]))
                 next_index[r] += 1
                 remaining -= 1
