@@ -78,7 +78,7 @@ def best_interleaving(decision, costs, cluster, *, required: bool = False):
         p, m = len(decision.stages), decision.num_microbatches
         raise UserError(
             f"The interleaved schedule does not apply to the best plan found: it has {p} pipeline stage"
-            f"{'s' if p > 1 else ''} ({m} micro-batches), and interleaving needs at least 2 stages, a micro-batch "
+            f"{'s' if p > 1 else ''} ({m} micro-batch{'es' if m != 1 else ''}), and interleaving needs at least 2 stages, a micro-batch "
             "count that is a multiple of the stages, at least 2 layers per stage and room in memory for the "
             "extra micro-batches in flight. Use --schedule 1f1b, or pin more stages with --pp and a micro-batch "
             "count with --microbatches.")

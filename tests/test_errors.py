@@ -114,3 +114,12 @@ def test_pinned_shape_that_cannot_fit(examples, good_cluster, tmp_path):
     # Two devices of each type: no TP group of 4 devices of one type.
     _assert_clean_error(compile_pinned("--tp", "4"), tmp_path / "out", "--tp 4", "devices of one type",
                         "leave --tp out")
+
+
+def test_interleaved_schedule_where_it_cannot_apply(examples, tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"nodes": [{"device": "A100-80GB", "count": 1}]}))
+    out = tmp_path / "out"
+    done = subprocess.run(CLI + [str(examples / "mlp.py"), "--cluster", str(one), "-o", str(out),
+                                 "--schedule", "interleaved"], capture_output=True, text=True, timeout=300)
+    _assert_clean_error(done, out, "interleaved schedule does not apply", "1 pipeline stage", "--schedule 1f1b")
