@@ -123,7 +123,7 @@ def row(model: str, mix_name: str, costs) -> dict:
         "model": model, "mix": mix_name, "devices": cluster.num_devices, "ratio": speed_ratio(costs, cluster),
         "stages": len(decision.stages), "M": decision.num_microbatches, "schedule": decision.schedule,
         "recompute": sum(st.recompute for st in decision.stages),
-        "used": sum(len(st.devices) for st in decision.stages),
+        "used": len({d for st in decision.stages for d in st.devices}),  # interleaved stages share devices
         "plan": plan_rate, "upper": upper, "eff": plan_rate / upper if upper else 0.0,
         "even": even_rate, "vs_even": plan_rate / even_rate if even_rate else float("inf"),
         "fastest": fastest_rate, "vs_fastest": plan_rate / fastest_rate if fastest_rate else float("inf"),
@@ -188,7 +188,7 @@ def main() -> int:
                f"{min((r['vs_even'] for r in rows_fit if r['ratio'] >= 2), default=float('nan')):.2f}x (target 1.3x); "
                f"min vs fastest-type-only {min(r['vs_fastest'] for r in rows_fit):.2f}x (target 1.0x); "
                f"TP used in {sum(r['tp'] != '-' for r in rows_fit)} of {len(rows_fit)} rows, best gain over PP+DP "
-               f"alone {max((r['vs_no_tp'] for r in rows_fit), default=float('nan')):.2f}x."
+               f"alone {max((r['vs_no_tp'] for r in rows_fit if r['no_tp']), default=float('nan')):.2f}x."
                + (f" No plan fits: {', '.join(no_fit)}." if no_fit else ""))
     print(summary)
     if not args.no_write:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.export import Dim
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
@@ -187,7 +188,11 @@ def _from_exported(ep, batch_size, spec, mf) -> Captured:
                             "as a buffer in __init__ (self.register_buffer(...)).")
         constants[key] = value.detach().clone()
 
-    gm = ep.graph_module
+    # NOTE: [lazy recompile] Capture and the passes rewrite the graph several times (stamping,
+    # inlining) and nothing calls the module in between; regenerating its Python code after each
+    # rewrite costs about a second on a deep model. A _LazyGraphModule regenerates it only when
+    # someone calls it or reads its code.
+    gm = _LazyGraphModule.from_graphmodule(ep.graph_module)
     # Export leaves shape assertions in the graph; they hold by construction for every micro-batch.
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in (torch.ops.aten._assert_tensor_metadata.default,

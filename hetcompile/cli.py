@@ -60,7 +60,10 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp", type=_positive_int, default=None, metavar="N",
                    help="data-parallel replicas of every stage (default: the planner chooses per stage)")
     p.add_argument("--seed", type=int, default=0, help="torch seed before get_model() (default 0)")
-    p.add_argument("--time-limit", type=_positive_seconds, default=30.0, help="solver time limit in seconds")
+    p.add_argument("--time-limit", type=_positive_seconds, default=300.0,
+                   help="wall-clock safety net for the solver, in seconds (default 300): the search stops at "
+                        "deterministic budgets, so the plan does not depend on the machine's load unless this "
+                        "fires (plan.json's solver.wall_limit_hit then says so)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     return p
 

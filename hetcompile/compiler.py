@@ -83,7 +83,7 @@ def _solver_progress(progress, start_s: float):
 
 def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: str = "auto",
             microbatches: int | None = None, seed: int = 0, max_stages: int | None = None,
-            time_limit_s: float = 30.0, progress=None, decision=None, tp: int | None = None,
+            time_limit_s: float = 300.0, progress=None, decision=None, tp: int | None = None,
             pp: int | None = None, dp: int | None = None):
     """Compile a model for a cluster into a :class:`~hetcompile.plan.Plan`.
 
@@ -135,7 +135,9 @@ def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: st
         predicted["upper_bound_samples_per_s"] = upper_bound
         predicted["efficiency"] = predicted["samples_per_s"] / upper_bound if upper_bound > 0 else 0.0
         solver = {"status": report.status, "gap": report.gap, "objective_s": report.objective_s,
-                  "best_bound_s": report.best_bound_s, "num_variables": report.num_variables}
+                  "best_bound_s": report.best_bound_s, "num_variables": report.num_variables,
+                  # True only when the wall-clock safety net cut the search: then the plan may vary run to run.
+                  "wall_limit_hit": report.wall_limit_hit}
         plan = lower(cap, decision, clu, schedule=schedule, seed=seed, model_file=mf.name,
                      block_names=[b.name for b in costs.blocks], predicted=predicted, solver=solver,
                      model_source=mf.source_text(), data_files=mf.data_files)

@@ -80,21 +80,30 @@ Constraints (method that adds them):
   ``z >= z_min`` (every device busy on its share of the work)              (:meth:`_StageModel.add_bottlenecks`)
 
 The search around the model (:func:`solve`): a constructive heuristic
-(:func:`_heuristic`: proportional device mix per stage, type-pure stages, each
-type alone, the even split a homogeneous trainer would run) scores every micro-batch count (when ``num_microbatches`` is None),
-schedule (when ``schedule="auto"``) and stage count on a ladder (every ``S``
-up to 12, then steps of about 25%); CP-SAT then solves one model per
-(micro-batch count, schedule, stage count), best-scored first, each hinted with
-its heuristic plan and cut off at the incumbent, until MAX_SOLVED_MODELS models
-or MAX_SOLVED_VARIABLES variables; a pair whose analytic bound
-(:meth:`_Problem.lower_bound_units`) reaches the incumbent is skipped as proven.
-The plan is never worse than the heuristic. With TP left to the planner, the
-search first runs without TP kinds, then offers them (NOTE: [TP after the plain
-search] in :func:`solve`); ``tp``, ``pp``, ``dp`` pin the shape. The gap is against the smallest
-bound over every pair (CP-SAT's, or the analytic one for pairs not solved);
-"OPTIMAL" means every pair was solved or bounded out and the ladder covered
-every stage count. Deterministic time limits and model budgets, a fixed seed
-and worker count make the same input give the same plan.
+(:func:`_heuristic`: proportional device mix per stage, type-pure stages with as
+many stages per type as its speed or as its devices call for, also without the
+slowest types, each type alone, the even split a homogeneous trainer would run)
+scores every micro-batch count (when ``num_microbatches`` is None), schedule
+(when ``schedule="auto"``) and stage count on a ladder (every ``S`` up to 12,
+then steps of about 25%), with and without TP groups; a (micro-batch count,
+schedule) pair that cannot fit even in the devices' memory taken together
+(:meth:`_Problem.may_fit`) is skipped. The best POLISHED_PLANS heuristic plans
+are improved by local moves (:func:`_polish`), and the best of all is the
+incumbent. CP-SAT then solves one model per (micro-batch count, schedule, stage
+count), best-scored first, each hinted with its heuristic plan and cut off at
+the incumbent (``<=``, so the incumbent's own model starts from it), pairs within
+HINT_SLACK of the incumbent first and the rest on what budget is left, until the
+search's deterministic budget, MAX_SOLVED_MODELS models or MAX_SOLVED_VARIABLES
+variables; a pair whose analytic bound (:meth:`_Problem.lower_bound_units`)
+reaches the incumbent is skipped as proven. Plain pairs (real types only) come
+first, then the TP pairs (NOTE: [TP after the plain search] in :func:`solve`);
+``tp``, ``pp``, ``dp`` pin the shape. Close plans are re-ranked by the one
+predictor (NOTE: [objective vs predictor] at :func:`_pick_by_prediction`). The
+plan is never worse than the heuristic. The gap is against the smallest bound
+over every pair (CP-SAT's, or the analytic one for pairs not solved); "OPTIMAL"
+means every pair was solved or bounded out and the ladder covered every stage
+count. Deterministic budgets, a fixed seed and worker count make the same input
+give the same plan, whatever the machine's load (NOTE: [deterministic search]).
 
 After solving, counts become concrete devices (:func:`_place_devices`: one
 stage's devices of one type on as few nodes as possible) and integer shares
@@ -136,23 +145,32 @@ _PERMILLE = 1000
 FULL_STAGE_LADDER = 12
 # Micro-batch counts tried when the caller leaves them to the planner.
 MAX_MICROBATCHES = 512
-# Deterministic-time budget (CP-SAT's machine-independent work units, about a
-# second each) per stage-count model: enough to improve the hint and prove
-# small instances optimal, and it keeps 1,024 devices x 96 layers in seconds.
+# CP-SAT budgets, all in deterministic time (CP-SAT's machine-independent work units, roughly a
+# second each on a quiet core), never in seconds: NOTE: [deterministic search]. A model gets at most
+# DETERMINISTIC_TIME_PER_MODEL, and a search (one _solve_best) at most its total budget, counted by
+# what the models really used: small models are proven in a few hundredths and many get solved,
+# large ones (hundreds to thousands of variables) stop at their cap and only a few get solved.
 DETERMINISTIC_TIME_PER_MODEL = 0.5
-# CP-SAT models solved per plan, best-screened (micro-batch count, schedule, stage count)
-# first, until either cap is reached; the others keep their analytic bound
-# (_Problem.lower_bound_units) in the gap. Counting variables, not seconds, keeps the
-# search deterministic: small models are cheap and many get solved, 1,024-device
-# models cost ~2,000 variables each and a handful get solved.
+DETERMINISTIC_TIME_PER_SEARCH = 1.0
+# ... scaled down by LARGE_MODEL_VARIABLES / variables for models larger than this.
+LARGE_MODEL_VARIABLES = 600
+# ... and at most this many models, and variables once a plan exists, per search; the pairs left
+# over keep their analytic bound (_Problem.lower_bound_units) in the gap.
 MAX_SOLVED_MODELS = 24
 MAX_SOLVED_VARIABLES = 12_000
-# CP-SAT models that offer TP groups once a plan without TP exists (NOTE: [TP after the plain search]).
-MAX_TP_MODELS = 2
-# ... and only for TP hints within this factor of the incumbent (the others keep their analytic bound),
-# each with this deterministic budget: they start from a TP hint and only need to improve it.
-TP_HINT_SLACK = 1.25
-DETERMINISTIC_TIME_PER_TP_MODEL = 0.25
+# Once an incumbent exists, CP-SAT only polishes pairs whose heuristic plan is within this factor of
+# it (a pair the heuristics cannot fill, or fill far worse, rarely holds the optimum, and proving
+# that costs a large model its whole budget); the others keep their analytic bound in the gap.
+HINT_SLACK = 1.25
+# Plans whose objective is within this factor of the best are re-ranked by the predictor, at most
+# this many (NOTE: [objective vs predictor]).
+PREDICTED_SLACK = 1.05
+PREDICTED_CANDIDATES = 3
+# Heuristic plans polished by local moves before CP-SAT (_polish), best first, and its rounds.
+POLISHED_PLANS = 4
+POLISH_ROUNDS = 20
+# The TP phase (NOTE: [TP after the plain search]): its own, smaller budget.
+DETERMINISTIC_TIME_PER_TP_SEARCH = 0.5
 # A block with no FLOPs and no bytes would make a device's time zero.
 _MIN_SAMPLE_UNITS = 1
 
@@ -185,6 +203,7 @@ class SolverReport:
     best_bound_s: float
     wall_s: float
     num_variables: int
+    wall_limit_hit: bool = False  # the wall-clock safety net stopped the search (NOTE: [deterministic search])
 
 
 @dataclass(frozen=True)
@@ -345,12 +364,19 @@ class _Problem:
         inter_bw, inter_lat = cluster.inter_node_bw_bytes_per_s, cluster.inter_node_latency_s
         # Pipeline traffic always priced at the inter-node link: neighbouring stages usually
         # sit on other nodes or types, and it keeps a stage's cost independent of its neighbours.
-        # send[p]: one micro-batch's activations across cut p, one direction (the gradients go back
-        # the other way on a full-duplex link, concurrently).
-        self.send = [0] * (nb + 1)
+        # NOTE: [a cut moves each device's own rows] Each device sends and receives only its own
+        # samples' rows across a cut (lowering.transfers), over its own NIC (one per device,
+        # cost_models/cluster.py): a cut costs send_fixed[p] + rows * send_per_sample[p], rows the
+        # largest share on either side (cut_send), as predict.stage_times prices it. send[p]: the
+        # whole micro-batch through one device, the most a cut can cost. One direction: the
+        # gradients go back the other way on a full-duplex link, concurrently.
+        self.send_fixed = [0] * (nb + 1)
+        self.send_per_sample = [0] * (nb + 1)
         for p in range(1, nb):
-            self.send[p] = round(p2p_time_s(b * blocks[p - 1].out_bytes_per_sample, inter_bw, inter_lat)
-                                 * TIME_UNITS_PER_S)
+            per_sample = blocks[p - 1].out_bytes_per_sample
+            self.send_fixed[p] = round(inter_lat * TIME_UNITS_PER_S) if per_sample > 0 else 0
+            self.send_per_sample[p] = round(per_sample / inter_bw * TIME_UNITS_PER_S)
+        self.send = [self.cut_send(p, b) for p in range(nb + 1)]
         # Link classes of a stage's all-reduce: 0 = inter-node, 1 + k = inside one node of type k.
         self.link_bw = [inter_bw] + [min(n.intra_node_GBps for n in cluster.nodes if n.device == t.name) * 1e9
                                      for t in self.types]
@@ -360,6 +386,8 @@ class _Problem:
                           for bw in self.link_bw]
         self.ring_factor = [0] + [round(_PERMILLE * (n - 1) / n) for n in range(1, b + 1)]
         self._max_share: dict[tuple, int] = {}
+        self.share_cache: dict[tuple, _Stage | None] = {}  # _best_shares
+        self._stage_costs: dict[tuple, tuple[int, int] | None] = {}
         self._build_kinds()
 
     # ------------------------------------------------------------ kinds (real and TP device types)
@@ -417,6 +445,8 @@ class _Problem:
                 continue
             self._add_tp_kind(kind)
         self.whole_units = [self.kind_units(v, 0, len(blocks) - 1) for v in range(len(kinds))]
+        self.mem_weight = [min(self.types[k].mem_bytes * kind.parts_total / part for k, part in kind.members)
+                           for kind in kinds]
 
     def _add_tp_kind(self, kind: _Kind) -> None:
         blocks, n, total = self.costs.blocks, kind.tp, kind.parts_total
@@ -478,8 +508,7 @@ class _Problem:
 
     def kind_mem_weight(self, v: int) -> float:
         """Memory a kind brings to a stage, for memory-proportional heuristic splits."""
-        kind = self.kinds[v]
-        return min(self.types[k].mem_bytes * kind.parts_total / part for k, part in kind.members)
+        return self.mem_weight[v]
 
     def kind_fits(self, v: int, num_stages: int, s: int, first: int, last: int, share: int, recompute: bool) -> bool:
         f, in_bytes = self.in_flight(num_stages, s), self.in_bytes[first]
@@ -568,8 +597,15 @@ class _Problem:
         """(C, AR) of one stage in time units (compute per micro-batch, all-reduce), or None when it is
         not a valid stage (shares, memory, a TP kind beside another kind or on blocks it cannot split).
 
-        The one cost function: the CP-SAT model encodes exactly these formulas.
+        The one cost function: the CP-SAT model encodes exactly these formulas. Cached: it depends
+        on the stage count and position only through the micro-batches in flight.
         """
+        key = (self.in_flight(num_stages, s), st)
+        if key not in self._stage_costs:
+            self._stage_costs[key] = self._stage_cost(num_stages, s, st)
+        return self._stage_costs[key]
+
+    def _stage_cost(self, num_stages: int, s: int, st: _Stage) -> tuple[int, int] | None:
         b, n = self.microbatch_size, sum(st.counts)
         if not 1 <= n <= b or sum(c * q for c, q in zip(st.counts, st.shares)) < b:
             return None
@@ -595,19 +631,28 @@ class _Problem:
     def objective_units(self, stages: Sequence[_Stage]) -> int | None:
         """sum C + 2 sum_cuts send + (M - 1) max(max C, max send) + max AR, or None when a stage
         is invalid or devices run out."""
+        per_kind = [sum(column) for column in zip(*(st.counts for st in stages))]
+        if any(n > limit for n, limit in zip(per_kind, self.kind_limit)):
+            return None
         for k, available in enumerate(self.available):
-            if sum(st.counts[v] * uses[k] for st in stages for v, uses in enumerate(self.kind_uses)) > available:
-                return None
-        for v, limit in enumerate(self.kind_limit):
-            if sum(st.counts[v] for st in stages) > limit:
+            if sum(n * uses[k] for n, uses in zip(per_kind, self.kind_uses) if n) > available:
                 return None
         costs = [self.stage_cost(len(stages), s, st) for s, st in enumerate(stages)]
         if any(c is None for c in costs):
             return None
         times = [c[0] for c in costs]
-        sends = [self.send[st.first_block] for st in stages[1:]]
+        sends = self.cut_sends(stages)
         bottleneck = max(times + sends + self.cycle_floors(times, sends))
         return sum(times) + 2 * sum(sends) + (self.num_microbatches - 1) * bottleneck + max(c[1] for c in costs)
+
+    def cut_send(self, cut: int, rows: int) -> int:
+        """Time units to move ``rows`` samples' activations across ``cut`` (NOTE: [a cut moves each
+        device's own rows]); 0 at the model's ends."""
+        return self.send_fixed[cut] + rows * self.send_per_sample[cut]
+
+    def cut_sends(self, stages: Sequence[_Stage]) -> list[int]:
+        """Each cut's transfer: the largest share on either side goes through one device's link."""
+        return [self.cut_send(b.first_block, max(max(a.shares), max(b.shares))) for a, b in zip(stages, stages[1:])]
 
     def cycle_floors(self, times: Sequence[int], sends: Sequence[int]) -> list[int]:
         """1F1B only: stage s holds at most S - s micro-batches, so its period is at least the round
@@ -634,8 +679,19 @@ class _Problem:
         """Any plan with S stages costs at least M z_min (the compute sum and the M - 1 bottlenecks
         are each >= z_min) plus 2 (S - 1) times the cheapest cut's transfer."""
         nb = self.num_blocks
-        cheapest_send = min(self.send[1:nb]) if nb > 1 else 0
+        cheapest_send = min(self.cut_send(p, 1) for p in range(1, nb)) if nb > 1 else 0
         return self.num_microbatches * self.min_bottleneck_units() + 2 * (num_stages - 1) * cheapest_send
+
+    def may_fit(self) -> bool:
+        """A necessary condition for any plan: the devices' memory together holds every parameter's
+        static bytes once (replicas and TP shards only add to it) and, per stage, at least one micro-batch's
+        saved activations (1F1B or recompute; GPipe without recompute holds all ``M`` at once).
+        Rules out whole (micro-batch count, schedule) pairs before any screening."""
+        total_mem = sum(n * t.mem_bytes for n, t in zip(self.available, self.types))
+        in_flight = self.num_microbatches if self.schedule == "gpipe" and not self.allow_recompute else 1
+        need = (int(math.ceil(STATIC_BYTES_PER_PARAM_BYTE * self.param_prefix[-1]))
+                + in_flight * self.microbatch_size * self.act_prefix[-1])
+        return need <= total_mem
 
     def memory_facts(self) -> str:
         """The model's weight memory against the largest device, for no-fit errors."""
@@ -666,7 +722,18 @@ def _best_shares(problem: _Problem, num_stages: int, s: int, first: int, last: i
     The bottleneck z is the least value at which the groups' capacities
     ``sum_v n_v min(qmax_v, floor((z - fixed_v) / t_v))`` cover the micro-batch; kinds that
     take no sample at z are dropped, and groups beyond b are trimmed slowest first.
+    Cached per problem: the heuristic layouts and their rebalancing rounds ask for the same
+    stages again and again (the answer depends on the stage count only through the micro-batches
+    in flight).
     """
+    key = (problem.in_flight(num_stages, s), first, last, tuple(counts), recompute)
+    if key not in problem.share_cache:
+        problem.share_cache[key] = _best_shares_search(problem, num_stages, s, first, last, counts, recompute)
+    return problem.share_cache[key]
+
+
+def _best_shares_search(problem: _Problem, num_stages: int, s: int, first: int, last: int, counts: Sequence[int],
+                        recompute: bool) -> _Stage | None:
     b, nv = problem.microbatch_size, problem.num_kinds
     counts = list(counts)
     used = [v for v, c in enumerate(counts) if c]
@@ -817,9 +884,15 @@ def _heuristic(problem: _Problem, num_stages: int, recompute: bool, layouts_of: 
                 kind_of_type[k] = v
         for k, v in real.items():
             kind_of_type.setdefault(k, v)
-        pure = _pure_layout(problem, num_stages, kind_of_type)
-        if pure is not None:
-            layouts.append(pure)
+        # Every type, then without the slowest, and so on: a type too slow to pay for its pipeline
+        # stages is better left idle (the mix then is a smaller one, e.g. H100+A100 of H100+A100+T4).
+        by_speed = sorted(kind_of_type, key=lambda k: (problem.time_prefix[k][-1], k))
+        for keep in range(len(by_speed), 1, -1):
+            subset = {k: kind_of_type[k] for k in by_speed[:keep]}
+            for by_devices in (False, True):
+                pure = _pure_layout(problem, num_stages, subset, by_devices)
+                if pure is not None and pure not in layouts:
+                    layouts.append(pure)
     if problem.dp is not None:
         speed_order = sorted(range(nv), key=lambda v: (problem.whole_units[v], v))
         for group in ([v] for v in speed_order) if problem.has_tp_kinds else [speed_order]:
@@ -846,16 +919,21 @@ def _heuristic(problem: _Problem, num_stages: int, recompute: bool, layouts_of: 
     return best
 
 
-def _pure_layout(problem: _Problem, num_stages: int, kind_of_type: dict[int, int]) -> list[list[int]] | None:
+def _pure_layout(problem: _Problem, num_stages: int, kind_of_type: dict[int, int],
+                 by_devices: bool = False) -> list[list[int]] | None:
     """Stages per type in proportion to speed (largest remainder, >= 1 each), each stage one type's
-    kind; big-memory types first, since early 1F1B stages hold the most micro-batches."""
+    kind; big-memory types first, since early 1F1B stages hold the most micro-batches.
+
+    ``by_devices``: in proportion to the groups instead, so every stage gets about as many groups
+    (the blocks then follow each stage's speed, :func:`_build`): with at most ``b`` groups per
+    stage, this is the layout that leaves no device idle once ``S`` reaches groups / ``b``."""
     nv, nb = problem.num_kinds, problem.num_blocks
     types = sorted(kind_of_type)
     nt = len(types)
     if nt < 2 or num_stages < nt:
         return None
     limit = [problem.kind_limit[kind_of_type[k]] for k in types]
-    speed = [n / problem.whole_units[kind_of_type[k]] for k, n in zip(types, limit)]
+    speed = [float(n) if by_devices else n / problem.whole_units[kind_of_type[k]] for k, n in zip(types, limit)]
     if sum(speed) <= 0:
         return None
     quota = [num_stages * x / sum(speed) for x in speed]
@@ -913,6 +991,7 @@ class _StageModel:
         self.model = cp_model.CpModel()
         nb, b = p.num_blocks, p.microbatch_size
         self._elements: dict[tuple[str, int], cp_model.IntVar | int] = {}
+        self.rows: dict[int, cp_model.IntVar] = {}  # per cut: the most samples one device moves
         self.cut = [0] + [self.model.new_int_var(s, nb - S + s, f"cut_{s}") for s in range(1, S)] + [nb]
         self.n, self.q, self.used = {}, {}, {}
         for s in range(S):
@@ -926,7 +1005,7 @@ class _StageModel:
                                for v in self.kv for m in p.members[v])
                        + max((p.fixed_rc_prefix[v][-1] for v in self.tp_kinds), default=0), max(p.send))
         self.C = [self.model.new_int_var(0, max_time, f"C_s{s}") for s in range(S)]
-        self.send = [self._at("X", p.send, s) for s in range(1, S)]
+        self.send = [self._cut_send(s) for s in range(1, S)]
         max_ar = max(pre[-1] for pre in p.ar_prefix) + 2 * b * max(p.link_lat_units)
         self.AR = [self.model.new_int_var(0, max_ar, f"AR_s{s}") for s in range(S)]
         self.z = self.model.new_int_var(0, max_time, "z_bottleneck_stage")
@@ -952,6 +1031,22 @@ class _StageModel:
             self.model.add_element(cut, list(array), var)
             self._elements[key] = var
         return self._elements[key]
+
+    def _cut_send(self, s: int):
+        """Cut s's transfer: X0[cut] + rows * Xs[cut], rows >= every share on either side
+        (NOTE: [a cut moves each device's own rows])."""
+        p, b = self.problem, self.problem.microbatch_size
+        rows = self.model.new_int_var(1, b, f"rows_cut{s}")
+        for v in self.kv:
+            self.model.add(rows >= self.q[s - 1, v])
+            self.model.add(rows >= self.q[s, v])
+        self.rows[s] = rows
+        per = self._at("Xs", p.send_per_sample, s)
+        if isinstance(per, int):
+            return self._at("X0", p.send_fixed, s) + per * rows
+        moved = self.model.new_int_var(0, b * max(p.send_per_sample), f"moved_cut{s}")
+        self.model.add_multiplication_equality(moved, [rows, per])
+        return self._at("X0", p.send_fixed, s) + moved
 
     def _interval(self, name: str, array: Sequence[int], s: int):
         return self._at(name, array, s + 1) - self._at(name, array, s)
@@ -1142,9 +1237,10 @@ class _StageModel:
         self.model.minimize(self.objective)
 
     def add_incumbent_cutoff(self, best_units: int) -> None:
-        """objective <= best - 1: only a strictly better plan matters, and the cutoff
-        lets the solver prove "no better plan with this many stages" from bounds alone."""
-        self.model.add(self.objective <= best_units - 1)
+        """objective <= best: no worse plan matters, and the cutoff lets the solver prove "no better
+        plan with this many stages" from bounds alone. Not strict, so the incumbent itself (when it is
+        this model's hint) stays a feasible starting point that CP-SAT improves on."""
+        self.model.add(self.objective <= best_units)
 
     def add_hint(self, choice: _Choice) -> None:
         p = self.problem
@@ -1162,28 +1258,38 @@ class _StageModel:
             self.model.add_hint(self.AR[s], cost[1])
         costs = [p.stage_cost(self.num_stages, s, st) for s, st in enumerate(choice.stages)]
         times = [c[0] for c in costs]
-        sends = [p.send[st.first_block] for st in choice.stages[1:]]
+        sends = p.cut_sends(choice.stages)
+        for s, (a, st) in enumerate(zip(choice.stages, choice.stages[1:]), start=1):
+            self.model.add_hint(self.rows[s], max(max(a.shares), max(st.shares)))
         self.model.add_hint(self.z, max(times + sends + p.cycle_floors(times, sends)))
         self.model.add_hint(self.w, max(c[1] for c in costs))
 
     def solve(self, deterministic_time: float, wall_limit_s: float, seed: int, num_workers: int,
               on_progress: Callable[[float, float], None] | None):
-        """(status name, choice or None, bound units or None)."""
+        """(status name, choice or None, bound units or None, whether the wall limit stopped it,
+        deterministic time used)."""
         solver = cp_model.CpSolver()
-        # The deterministic limit makes the result independent of machine load; the wall
-        # limit is only a safety net for the caller's time_limit_s.
+        # NOTE: [deterministic search] The deterministic limit (CP-SAT's work units, counted the same
+        # on any machine and under any load), a fixed seed and a fixed worker count make the result a
+        # function of the input alone. The wall limit is only a safety net (the caller's time_limit_s,
+        # far above the normal time); when it stops a model first, the plan may differ run to run, and
+        # the solver report says so (SolverReport.wall_limit_hit).
         solver.parameters.max_deterministic_time = deterministic_time
-        solver.parameters.max_time_in_seconds = max(wall_limit_s, 0.05)
+        solver.parameters.max_time_in_seconds = max(wall_limit_s, 0.01)
         solver.parameters.random_seed = seed
         solver.parameters.num_workers = num_workers
         callback = _ProgressCallback(on_progress) if on_progress is not None else None
         status = solver.solve(self.model, callback)
         if status == cp_model.MODEL_INVALID:
             raise AssertionError(f"planner built an invalid CP-SAT model: {self.model.validate()}")
+        # Stopped by the clock, not by the work budget or a proof.
+        wall_hit = (status in (cp_model.UNKNOWN, cp_model.FEASIBLE) and solver.deterministic_time < deterministic_time
+                    and solver.wall_time >= 0.99 * solver.parameters.max_time_in_seconds)
+        used = solver.deterministic_time
         if status == cp_model.INFEASIBLE:
-            return "INFEASIBLE", None, None
+            return "INFEASIBLE", None, None, False, used
         if status == cp_model.UNKNOWN:
-            return "UNKNOWN", None, round(solver.best_objective_bound)
+            return "UNKNOWN", None, round(solver.best_objective_bound), wall_hit, used
         assert status in (cp_model.OPTIMAL, cp_model.FEASIBLE), solver.status_name(status)
         p = self.problem
         stages = []
@@ -1196,7 +1302,8 @@ class _StageModel:
         # C, z and w are only bounded below, so a non-optimal solution may overstate them.
         objective = p.objective_units(stages)
         assert objective is not None, "the model admitted a plan the cost function rejects"
-        return solver.status_name(status), _Choice(tuple(stages), objective), round(solver.best_objective_bound)
+        return (solver.status_name(status), _Choice(tuple(stages), objective), round(solver.best_objective_bound),
+                wall_hit, used)
 
     @property
     def num_variables(self) -> int:
@@ -1321,6 +1428,8 @@ def _microbatch_options(global_batch: int, num_microbatches: int | None, dp: int
 def _screen(problem: _Problem, ladder: Sequence[int], layouts_of: str = "all") -> dict[int, _Choice]:
     """Heuristic plan per stage count on the ladder (only those that fit)."""
     out = {}
+    if not problem.may_fit():
+        return out
     for num_stages in ladder:
         choice = _heuristic(problem, num_stages, recompute=False, layouts_of=layouts_of)
         if problem.allow_recompute:
@@ -1330,6 +1439,92 @@ def _screen(problem: _Problem, ladder: Sequence[int], layouts_of: str = "all") -
         if choice is not None:
             out[num_stages] = choice
     return out
+
+
+def _polish(problem: _Problem, choice: _Choice) -> _Choice:
+    """Hill-climb a heuristic plan with local moves, keeping its stage count: shift a cut by one
+    block, move one group of a kind to the neighbouring stage, take an idle group into a stage or
+    leave one idle; shares are re-chosen by :func:`_best_shares` and every move is priced by
+    :meth:`_Problem.objective_units`. The best move of each round is taken, until none improves
+    or POLISH_ROUNDS rounds. Deterministic, and cheap beside a CP-SAT model; it hands CP-SAT a
+    better hint and incumbent, so less CP-SAT work reaches the same plan."""
+    stages, best = list(choice.stages), choice.objective_units
+    num_stages, nv = len(stages), problem.num_kinds
+
+    def stage(i: int, first: int, last: int, counts) -> _Stage | None:
+        if sum(counts) == 0:
+            return None
+        return _best_shares(problem, num_stages, i, first, last, counts, stages[i].recompute)
+
+    for _ in range(POLISH_ROUNDS):
+        spare = [problem.kind_limit[v] - sum(st.counts[v] for st in stages) for v in range(nv)]
+        moves: list[dict[int, _Stage | None]] = []
+        for i in range(num_stages - 1):  # shift the cut between stages i and i + 1
+            a, c = stages[i], stages[i + 1]
+            for cut in (c.first_block - 1, c.first_block + 1):
+                if a.first_block < cut <= c.last_block:
+                    moves.append({i: stage(i, a.first_block, cut - 1, a.counts),
+                                  i + 1: stage(i + 1, cut, c.last_block, c.counts)})
+        for i, st in enumerate(stages):
+            for v in range(nv):
+                more, fewer = list(st.counts), list(st.counts)
+                more[v] += 1
+                fewer[v] -= 1
+                if spare[v] > 0:
+                    moves.append({i: stage(i, st.first_block, st.last_block, more)})
+                if st.counts[v] == 0:
+                    continue
+                moves.append({i: stage(i, st.first_block, st.last_block, fewer)})
+                for j in (i - 1, i + 1):  # one group to a neighbour
+                    if 0 <= j < num_stages:
+                        other = list(stages[j].counts)
+                        other[v] += 1
+                        moves.append({i: stage(i, st.first_block, st.last_block, fewer),
+                                      j: stage(j, stages[j].first_block, stages[j].last_block, other)})
+        found = None
+        for move in moves:
+            if any(st is None for st in move.values()):
+                continue
+            trial = [move.get(i, st) for i, st in enumerate(stages)]
+            objective = problem.objective_units(trial)
+            if objective is not None and objective < best:
+                best, found = objective, trial
+        if found is None:
+            break
+        stages = found
+    return choice if best >= choice.objective_units else _Choice(tuple(stages), best)
+
+
+def _pick_by_prediction(problem: _Problem, choice: _Choice, screened, found, costs: ModelCosts, cluster: Cluster):
+    """The search's plan, or a close runner-up that the one predictor (hetcompile.predict, the numbers
+    plan.json reports) expects to be faster.
+
+    NOTE: [objective vs predictor] The CP-SAT objective is a closed form of the 1F1B/GPipe
+    timeline (fill and drain, bottleneck, round-trip floors, every cut priced on the inter-node
+    link); the predictor simulates the schedule event by event on the actual links. They agree
+    within a few percent, and on plans that close the two can rank differently. So the best plan
+    and the best heuristic plans within PREDICTED_SLACK of it (at most PREDICTED_CANDIDATES) are
+    simulated, and the fastest predicted wins (ties: the lower objective, then search order).
+    """
+    from hetcompile.predict import predict
+
+    pool = [(choice.objective_units, -1, problem, choice)]
+    others = [(other, per_s[num_stages]) for other, per_s in screened for num_stages in sorted(per_s)] + found
+    for i, (other, cand) in enumerate(others):
+        if cand.objective_units <= PREDICTED_SLACK * choice.objective_units and cand is not choice:
+            pool.append((cand.objective_units, i, other, cand))
+    pool.sort(key=lambda x: (x[0], x[1]))
+    best = None
+    for objective, order, other, cand in pool[:PREDICTED_CANDIDATES]:
+        decision = _to_decision(other, cand)
+        step_s = predict(decision, costs, cluster, other.schedule)[0]["step_time_s"]
+        key = (round(step_s * TIME_UNITS_PER_S), objective, order)
+        if best is None or key < best[0]:
+            best = (key, other, cand)
+    if best[2] is not choice:
+        logger.debug("predictor prefers a runner-up: objective %d -> %d", choice.objective_units,
+                     best[2].objective_units)
+    return best[1], best[2]
 
 
 def _real_kinds(problem: _Problem, hint: _Choice | None) -> list[int]:
@@ -1406,7 +1601,7 @@ def solve(
     num_microbatches: int | None = None,
     schedule: str = "1f1b",
     max_stages: int | None = None,
-    time_limit_s: float = 30.0,
+    time_limit_s: float = 300.0,
     seed: int = 0,
     num_workers: int = 1,
     allow_recompute: bool | None = None,
@@ -1423,7 +1618,9 @@ def solve(
     GPipe, 1F1B and interleaved 1F1B ("interleaved": the best 1F1B plan, interleaved). ``allow_recompute=None`` (default) turns recompute on only
     when no plan fits without it. ``on_progress(objective_s, bound_s)`` is
     called at every improving CP-SAT solution. With a fixed ``seed`` and
-    ``num_workers`` the same input gives the same plan (deterministic limits).
+    ``num_workers`` the same input gives the same plan: the search stops at deterministic
+    budgets, and ``time_limit_s`` is only a wall-clock safety net far above the normal time
+    (when it fires, ``SolverReport.wall_limit_hit`` says so and the plan may vary).
     ``tp``, ``pp``, ``dp`` pin every stage's TP degree, the number of stages and every
     stage's data-parallel replicas; the planner chooses what is not pinned, and a pinned
     shape that cannot fit raises :class:`UserError`. TP groups stay inside a node; groups
@@ -1444,7 +1641,7 @@ def solve(
     recompute_options = [False, True] if allow_recompute is None else [bool(allow_recompute)]
     # TP groups across nodes only when nothing fits inside nodes (with or without recompute).
     levels = [(rc, cross) for cross in (False, True) for rc in recompute_options]
-    result, limit = None, 1
+    result, limit, found = None, 1, []
     for allow_rc, cross in levels:
         problems = [_Problem(costs, cluster, m, sched, allow_rc, tp=tp, dp=dp, cross_node_tp=cross)
                     for m in _microbatch_options(costs.global_batch, num_microbatches, dp) for sched in schedules]
@@ -1455,39 +1652,48 @@ def solve(
         limit = problems[0].max_stages(max_stages)
         ladder = [pp] if pp is not None else stage_ladder(limit)
         complete = pp is not None or len(ladder) == limit
-        # NOTE: [TP after the plain search] With TP free and TP kinds at hand, the search first runs
-        # as without TP (real types only, the same models in the same order, MAX_SOLVED_MODELS -
-        # MAX_TP_MODELS of them), then offers TP: heuristics with TP groups, and up to MAX_TP_MODELS
-        # CP-SAT models for TP hints within TP_HINT_SLACK of the incumbent, cut off at it. The model
-        # budget is shared, so TP costs the search little time, and a TP plan replaces the plain one
-        # only when it is faster; when no plain plan fits, TP gets the whole budget.
+        # NOTE: [TP after the plain search] With TP free and TP kinds at hand, the heuristics run
+        # with and without TP groups, and the best of all is the incumbent. CP-SAT then polishes
+        # the plain pairs (real types only, the smaller models) within HINT_SLACK of it, then the TP
+        # pairs within HINT_SLACK, on a smaller budget; a TP plan replaces the
+        # plain one only when it is faster. When no plain plan fits, TP gets the whole budget.
         two_phase = tp is None and problems[0].has_tp_kinds
         plain = [] if cross else [(problem, _screen(problem, ladder, "plain" if two_phase else "all"))
                                   for problem in problems]
-        # TP heuristics only where the plain ones come within 2x of the best (or everywhere when none fit).
+        # TP heuristics only where the plain ones come within 2x of the best, or where no plain plan
+        # fits at all (there TP groups, which shard the weights, are what may fit).
         best_plain = [min((c.objective_units for c in per_s.values()), default=math.inf) for _, per_s in plain]
         near = [problem for i, problem in enumerate(problems)
-                if not plain or min(best_plain) == math.inf or best_plain[i] <= 2 * min(best_plain)]
+                if not plain or best_plain[i] == math.inf or best_plain[i] <= 2 * min(best_plain)]
         with_tp = [(problem, _screen(problem, ladder, "tp")) for problem in near] if two_phase else []
         if not allow_rc and allow_recompute is None and limit > FULL_STAGE_LADDER and not any(
                 per_s for _, per_s in plain + with_tp):
             continue  # a large instance where no heuristic plan fits: go straight to recompute
+        # The most promising heuristic plans, polished by local moves.
+        ranked = sorted(((choice.objective_units, i, num_stages) for i, (_, per_s) in enumerate(plain + with_tp)
+                         for num_stages, choice in per_s.items()))
+        for _, i, num_stages in ranked[:POLISHED_PLANS]:
+            problem, per_s = (plain + with_tp)[i]
+            per_s[num_stages] = _polish(problem, per_s[num_stages])
+        # The best heuristic plan, with or without TP, is the incumbent every CP-SAT model must beat.
+        screened_best = None
+        for problem, per_s in plain + with_tp:
+            for choice in per_s.values():
+                if screened_best is None or choice.objective_units < screened_best[1].objective_units:
+                    screened_best = (problem, choice)
         if plain:
-            # The TP models come out of the same budget: TP must not make planning slower.
             result = _solve_best(plain, ladder, complete, start, time_limit_s, seed, num_workers, on_progress,
-                                 kinds_of=_real_kinds if two_phase else _offered_kinds,
-                                 max_models=MAX_SOLVED_MODELS - (MAX_TP_MODELS if two_phase else 0))
+                                 kinds_of=_real_kinds if two_phase else _offered_kinds, incumbent=screened_best,
+                                 found=found)
         if with_tp:
-            budget = MAX_SOLVED_MODELS if result is None else (
-                MAX_TP_MODELS if any(per_s for _, per_s in with_tp) else 0)
+            budget = MAX_SOLVED_MODELS if result is None or any(per_s for _, per_s in with_tp) else 0
             tp_result = _solve_best(with_tp, ladder, complete, start, time_limit_s, seed, num_workers, on_progress,
                                     incumbent=result[:2] if result else None, max_models=budget,
-                                    hint_slack=TP_HINT_SLACK,
-                                    deterministic_time=DETERMINISTIC_TIME_PER_MODEL if result is None
-                                    else DETERMINISTIC_TIME_PER_TP_MODEL)
+                                    deterministic_budget=DETERMINISTIC_TIME_PER_SEARCH if result is None
+                                    else DETERMINISTIC_TIME_PER_TP_SEARCH, found=found)
             if result is not None and tp_result is not None:
                 tp_result = (*tp_result[:2], result[2] and tp_result[2], min(result[3], tp_result[3]),
-                             result[4] + tp_result[4])
+                             result[4] + tp_result[4], result[5] or tp_result[5])
             result = tp_result or result
         if result is not None:
             break
@@ -1495,7 +1701,9 @@ def solve(
         if (tp, pp, dp) != (None, None, None):
             raise _pinned_no_fit_error(problems[0], tp, pp, dp)
         raise problems[0].no_fit_error(limit)
-    problem, choice, all_optimal, bound, num_variables = result
+    problem, choice, all_optimal, bound, num_variables, wall_hit = result
+    if not all_optimal:
+        problem, choice = _pick_by_prediction(problem, choice, plain + with_tp, found, costs, cluster)
     objective = choice.objective_units
     bound = min(bound, objective)
     gap = 0.0 if all_optimal or objective == 0 else (objective - bound) / objective
@@ -1507,6 +1715,7 @@ def solve(
         best_bound_s=(objective if all_optimal else bound) / TIME_UNITS_PER_S,
         wall_s=time.perf_counter() - start,
         num_variables=num_variables,
+        wall_limit_hit=wall_hit,
     )
     logger.info("plan: M=%d %s S=%d objective=%.6f s gap=%.4f (%s)", problem.num_microbatches, problem.schedule,
                 len(choice.stages), report.objective_s, gap, report.status)
@@ -1518,15 +1727,18 @@ def solve(
 
 def _solve_best(screened, ladder, complete, start, time_limit_s, seed, num_workers, on_progress, *,
                 kinds_of=_offered_kinds, incumbent=None, max_models: int = MAX_SOLVED_MODELS,
-                hint_slack: float | None = None, deterministic_time: float = DETERMINISTIC_TIME_PER_MODEL):
+                hint_slack: float | None = HINT_SLACK,
+                deterministic_budget: float = DETERMINISTIC_TIME_PER_SEARCH, found: list | None = None):
     """CP-SAT per (micro-batch count, schedule, stage count), best-screened first; None when nothing fits.
 
     Every pair either gets a CP-SAT model (hinted with its heuristic plan, cut off at the
     incumbent), or is proven no better by its analytic bound, or, past ``max_models``,
     keeps that bound in the gap. ``kinds_of(problem, hint)``: the kinds a model is offered;
     ``incumbent``: a (problem, choice) to beat; ``hint_slack``: with an incumbent, solve only
-    pairs whose hint is within this factor of it. Returns (problem, choice, proven optimal,
-    bound units, variables).
+    pairs whose hint is within this factor of it; ``deterministic_budget``: the search's CP-SAT
+    work (NOTE: [deterministic search]). Returns (problem, choice, proven optimal, bound units,
+    variables, whether the wall-clock safety net fired). Every CP-SAT plan is appended to ``found``
+    as (problem, choice).
     """
     pairs = [(problem, s, per_s.get(s)) for problem, per_s in screened for s in ladder]
     pairs.sort(key=lambda x: x[2].objective_units if x[2] is not None else math.inf)  # stable: input order on ties
@@ -1540,46 +1752,73 @@ def _solve_best(screened, ladder, complete, start, time_limit_s, seed, num_worke
         on_progress(best[1].objective_units / TIME_UNITS_PER_S, min(floor, best[1].objective_units) / TIME_UNITS_PER_S)
     # Proven optimal only when every stage count was covered (the ladder is complete).
     all_optimal = complete
-    bounds, num_variables, solved = [], 0, 0
-    deadline = start + time_limit_s
-    for i, (problem, num_stages, hint) in enumerate(pairs):
-        floor = problem.lower_bound_units(num_stages)
-        incumbent = best[1].objective_units if best is not None else None
-        if incumbent is not None and floor >= incumbent:
-            bounds.append(incumbent)  # proven: no such plan beats the incumbent
-            continue
-        far = hint_slack is not None and incumbent is not None and (
-            hint is None or hint.objective_units > hint_slack * incumbent)
-        if far or solved >= max_models or num_variables >= MAX_SOLVED_VARIABLES:
-            bounds.append(floor)
-            all_optimal = False
-            continue
-        solved += 1
-        stage_model = _StageModel(problem, num_stages, kinds_of(problem, hint))
-        num_variables += stage_model.num_variables
-        if incumbent is not None:
-            stage_model.add_incumbent_cutoff(incumbent)
-            if hint is not None and hint.objective_units >= incumbent:
-                hint = None  # it violates the cutoff
-        if hint is not None:
-            stage_model.add_hint(hint)
-        wall_left_s = (deadline - time.perf_counter()) / max(1, min(len(pairs) - i, max_models - solved + 1))
-        status, choice, bound = stage_model.solve(deterministic_time, wall_left_s, seed, num_workers,
-                                                  on_progress)
-        logger.debug("M=%d %s S=%d: %s objective=%s bound=%s vars=%d", problem.num_microbatches, problem.schedule,
-                     num_stages, status, choice and choice.objective_units, bound, stage_model.num_variables)
-        if status == "INFEASIBLE":
-            bounds.append(incumbent if incumbent is not None else math.inf)
-            continue
-        if status != "OPTIMAL":
-            all_optimal = False
-        bounds.append(max(bound or 0, floor))
-        if choice is not None and (best is None or choice.objective_units < best[1].objective_units):
-            best = (problem, choice)
+    bounds, num_variables, solved, wall_hit, work_left = [], 0, 0, False, deterministic_budget
+    deadline = start + time_limit_s  # a safety net only (NOTE: [deterministic search])
+    # Pairs whose hint is far from the incumbent wait for a second pass on what budget is left:
+    # small instances still get every pair solved (and proven), large ones spend it on the near ones.
+    deferred = []
+    for second_pass, queue in ((False, pairs), (True, deferred)):
+        for problem, num_stages, hint in queue:
+            if not problem.may_fit():
+                bounds.append(math.inf)  # proven: no plan of this pair fits memory
+                continue
+            floor = problem.lower_bound_units(num_stages)
+            incumbent = best[1].objective_units if best is not None else None
+            if incumbent is not None and floor >= incumbent:
+                bounds.append(incumbent)  # proven: no such plan beats the incumbent
+                continue
+            if not second_pass and hint_slack is not None and incumbent is not None and (
+                    hint is None or hint.objective_units > hint_slack * incumbent):
+                deferred.append((problem, num_stages, hint))
+                continue
+            wall_left_s = deadline - time.perf_counter()
+            # The variable cap bounds the time spent improving a plan; while none exists, only the
+            # deterministic budget and the model count stop the search.
+            spent = (solved >= max_models or work_left < 0.01
+                     or (num_variables >= MAX_SOLVED_VARIABLES and best is not None))
+            if spent or wall_left_s <= 0:
+                wall_hit = wall_hit or not spent
+                bounds.append(floor)
+                all_optimal = False
+                continue
+            solved += 1
+            stage_model = _StageModel(problem, num_stages, kinds_of(problem, hint))
+            num_variables += stage_model.num_variables
+            if incumbent is not None:
+                stage_model.add_incumbent_cutoff(incumbent)
+                if hint is not None and hint.objective_units > incumbent:
+                    hint = None  # it violates the cutoff
+            if hint is not None:
+                stage_model.add_hint(hint)
+            model_start = time.perf_counter()
+            # Large models (a thousand devices, many stages) get a smaller share each: CP-SAT's work
+            # units undercount their propagation, and a few of them would take the whole budget.
+            cap = DETERMINISTIC_TIME_PER_MODEL * min(1.0, LARGE_MODEL_VARIABLES / stage_model.num_variables)
+            status, choice, bound, hit, used = stage_model.solve(min(cap, work_left), wall_left_s, seed, num_workers,
+                                                                 on_progress)
+            wall_hit, work_left = wall_hit or hit, work_left - used
+            logger.debug("M=%d %s S=%d: %s objective=%s hint=%s incumbent=%s bound=%s vars=%d det=%.3f wall=%.3f",
+                         problem.num_microbatches, problem.schedule, num_stages, status,
+                         choice and choice.objective_units, hint and hint.objective_units, incumbent, bound,
+                         stage_model.num_variables, used, time.perf_counter() - model_start)
+            if status == "INFEASIBLE":
+                bounds.append(incumbent if incumbent is not None else math.inf)
+                continue
+            if status != "OPTIMAL":
+                all_optimal = False
+            bounds.append(max(bound or 0, floor))
+            if choice is not None and found is not None:
+                found.append((problem, choice))
+            if choice is not None and (best is None or choice.objective_units < best[1].objective_units):
+                best = (problem, choice)
+    if wall_hit:
+        logger.warning("the planner's wall-clock safety net (time_limit_s=%g) stopped the search before its "
+                       "deterministic budget: the plan may differ from run to run; raise the time limit",
+                       time_limit_s)
     if best is None:
         return None
     bound = min(bounds) if bounds else best[1].objective_units
-    return best[0], best[1], all_optimal, bound, num_variables
+    return best[0], best[1], all_optimal, bound, num_variables, wall_hit
 
 
 # ---------------------------------------------------------------- evaluation and tests
@@ -1619,8 +1858,9 @@ def step_time_s(decision: PlanDecision, costs: ModelCosts, cluster: Cluster, sch
         allreduce_times.append(max(
             allreduce_time_s(sum(b.param_bytes * tp_share(b.tp_param_fraction, parts[i], sum(parts)) for b in blocks),
                              cluster, st.devices[i::tp]) for i in range(tp)))
-    sends = [problems[1 if 1 in problems else next(iter(problems))].send[st.first_block] / TIME_UNITS_PER_S
-             for st in decision.stages[1:]]
+    any_problem = problems[1 if 1 in problems else next(iter(problems))]
+    sends = [any_problem.cut_send(st.first_block, max(max(a.shares), max(st.shares))) / TIME_UNITS_PER_S
+             for a, st in zip(decision.stages, decision.stages[1:])]
     return (sum(stage_times) + 2 * sum(sends) + (decision.num_microbatches - 1) * max(stage_times + sends)
             + max(allreduce_times))
 

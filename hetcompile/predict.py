@@ -50,8 +50,8 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
             f_s, b_s = f_s + tp_comm_s, b_s + tp_comm_s
         fwd.append(f_s)
         bwd.append(b_s + (f_s if st.recompute else 0.0))  # recompute: forward again
-        out_bytes = decision.microbatch_size * costs.blocks[st.last_block].out_bytes_per_sample
         if s + 1 < len(stages):
+            out_bytes = _cut_rows(st, stages[s + 1]) * costs.blocks[st.last_block].out_bytes_per_sample
             bw, lat = link(cluster, st.devices, stages[s + 1].devices)
             send_fwd.append(p2p_time_s(out_bytes, bw, lat))
             notice_fwd.append(lat if out_bytes > 0 else 0.0)
@@ -60,7 +60,7 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
             notice_fwd.append(0.0)
         if s > 0:
             prev = stages[s - 1]
-            in_bytes = decision.microbatch_size * costs.blocks[prev.last_block].out_bytes_per_sample
+            in_bytes = _cut_rows(prev, st) * costs.blocks[prev.last_block].out_bytes_per_sample
             bw, lat = link(cluster, prev.devices, st.devices)
             send_bwd.append(p2p_time_s(in_bytes, bw, lat))
             notice_bwd.append(lat if in_bytes > 0 else 0.0)
@@ -78,6 +78,15 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
         update.append(optimizer_s + loss_sync_s if optimizer_s > 0 else 0.0)
     return {"fwd_s": fwd, "bwd_s": bwd, "send_fwd_s": send_fwd, "send_bwd_s": send_bwd, "allreduce_s": allreduce,
             "update_s": update, **_notices(decision, cluster, notice_fwd, notice_bwd)}
+
+
+def _cut_rows(producer, consumer) -> int:
+    """Samples of a micro-batch through the busiest device's link at the cut from ``producer`` to
+    ``consumer``: each device sends and receives only its own rows (lowering.transfers; one NIC per
+    device, cost_models/cluster.py), and a producer TP member feeds ``consumer.tp / producer.tp``
+    consumer members."""
+    fan_out = -(-consumer.tp // producer.tp)
+    return max(max(producer.shares) * fan_out, max(consumer.shares))
 
 
 def _notices(decision, cluster, notice_fwd, notice_bwd) -> dict[str, list[float]]:

@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 from hetcompile.capture import Captured
+from passes.stamp_layers import STAMPED_FROM
 
 
 # NOTE: [attention FLOPs on CPU] On a CPU fake tensor, scaled_dot_product_attention
@@ -70,12 +71,26 @@ def batch_coef(val, batch_symbol) -> int | None:
 
 
 def annotate_costs(cap: Captured) -> None:
-    """Run the graph once on concrete fake tensors and write the costs into ``node.meta``."""
+    """Run the graph once on concrete fake tensors and write the costs into ``node.meta``.
+
+    A stamped copy of a layer (passes/stamp_layers.py) runs the same ops on the same shapes as
+    the layer-1 node it copies: it takes that node's costs and output instead of running again.
+    """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     env: dict[torch.fx.Node, object] = {}
     param_names = {n for n, p in cap.placeholders.items() if p.kind == "param"}
+    by_name = {node.name: node for node in cap.gm.graph.nodes}
     for node in cap.gm.graph.nodes:
         val = node.meta.get("val")
+        source = by_name.get(node.meta.get(STAMPED_FROM, ""))
+        if node.op == "call_function" and source is not None and source in env:
+            env[node] = env[source]
+            for key in ("flops", "out_bytes", "bytes", "batch_coef"):
+                node.meta[key] = source.meta[key]
+            floating = isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+            node.meta["requires_grad"] = (floating and node.target is not torch.ops.aten.detach.default
+                                          and any(n.meta.get("requires_grad") for n in node.all_input_nodes))
+            continue
         if node.op == "placeholder":
             env[node] = _concrete_fake(val, mode)
             node.meta["requires_grad"] = node.name in param_names

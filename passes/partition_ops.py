@@ -692,6 +692,13 @@ def _view_layout(in_shape, lay: Shard, out_shape) -> Shard | None:
                               for r in ranges))
 
 
+def _table(size: int, indices: np.ndarray) -> np.ndarray:
+    """A boolean array of ``size`` entries, True at ``indices``."""
+    table = np.zeros(size, dtype=bool)
+    table[indices] = True
+    return table
+
+
 @functools.lru_cache(maxsize=4096)
 def _moved_by_view(in_shape, out_shape, d: int, ranges) -> tuple[int, tuple] | None:
     """Where a view moves a split: the output dim whose index alone decides which rank holds an element.
@@ -707,14 +714,21 @@ def _moved_by_view(in_shape, out_shape, d: int, ranges) -> tuple[int, tuple] | N
     for e in range(len(out_shape)):  # the common case: the dim is kept as it is
         if out_shape[e] == in_shape[d] and _inner(out_shape, e) == pin:
             return e, ranges
-    index_in = [np.concatenate([np.arange(lo, hi) for lo, hi in r] or [np.zeros(0)]) for r in ranges]
+    index_in = [np.concatenate([np.arange(lo, hi) for lo, hi in r] or [np.zeros(0)]).astype(np.int64)
+                for r in ranges]
     period = pin * in_shape[d]
+    split = any(0 < len(held) < in_shape[d] for held in index_in)  # some rank holds part of dim d
     for e in reversed(range(len(out_shape))):
         q = _inner(out_shape, e)
         if q is None or not isinstance(out_shape[e], int) or out_shape[e] == 1:
             continue
         pe = q * out_shape[e]
         if pe % period and period % pe:
+            continue
+        if pe <= pin and split:
+            # Dim e runs through all its values inside one index of dim d, so a rank holding part
+            # of dim d would hold every index of e and none: e cannot tell the ranks apart (the
+            # check below would fail, on arrays of up to _MAX_PERIOD elements).
             continue
         unit = math.gcd(pin, q)  # membership is constant over blocks of this many elements
         length = max(pe, period) // unit
@@ -725,9 +739,12 @@ def _moved_by_view(in_shape, out_shape, d: int, ranges) -> tuple[int, tuple] | N
         along_out = (o // (q // unit)) % out_shape[e]
         index = []
         for held in index_in:
-            member = np.isin(along_in, held)
-            mine = np.unique(along_out[member])
-            if not np.array_equal(member, np.isin(along_out, mine)):
+            # Membership by table lookup (np.isin sorts; these arrays reach millions of elements).
+            member = _table(in_shape[d], held)[along_in]
+            held_out = np.zeros(out_shape[e], dtype=bool)
+            held_out[along_out[member]] = True
+            mine = np.flatnonzero(held_out)
+            if not np.array_equal(member, held_out[along_out]):
                 break
             index.append(ranges_of(mine))
         else:
@@ -737,6 +754,43 @@ def _moved_by_view(in_shape, out_shape, d: int, ranges) -> tuple[int, tuple] | N
 
 # ---------------------------------------------------------------------------------------------
 # What the planner needs to know
+
+
+def _without_stamped_copies(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """The graph as traced, before passes/stamp_layers.py copied layer 1: the copies (and their
+    parameter placeholders) left out, and what read the last copy reading layer 1 again. The TP
+    analysis of a copy is that of layer 1 (same ops, same shapes, a whole input from the layer
+    before), so analysing two layers instead of all of them gives the same answer, faster.
+    Returns ``graph`` itself when nothing was stamped."""
+    from passes.stamp_layers import STAMPED_FROM
+
+    if not any(STAMPED_FROM in n.meta for n in graph.nodes):
+        return graph
+    by_name = {n.name: n for n in graph.nodes}
+    sub = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def arg(a: torch.fx.Node) -> torch.fx.Node:
+        while a not in env:  # a copy of a copy of ... layer 1
+            a = by_name[a.meta[STAMPED_FROM]]
+        return env[a]
+
+    for n in graph.nodes:
+        if STAMPED_FROM not in n.meta:
+            env[n] = sub.node_copy(n, arg)
+    return sub
+
+
+def _stamped_blocks(graph: torch.fx.Graph) -> dict[int, int]:
+    """Block of a stamped layer -> block of the layer-1 nodes it copies."""
+    from passes.stamp_layers import STAMPED_FROM
+
+    by_name = {n.name: n for n in graph.nodes}
+    out = {}
+    for n in graph.nodes:
+        if n.op == "call_function" and STAMPED_FROM in n.meta:
+            out.setdefault(n.meta["block"], by_name[n.meta[STAMPED_FROM]].meta["block"])
+    return out
 
 
 def annotate_tp(cap, costs):
@@ -749,7 +803,7 @@ def annotate_tp(cap, costs):
     """
     import dataclasses
 
-    graph = cap.gm.graph
+    graph = _without_stamped_copies(cap.gm.graph)
     params = {n.name: n for n in graph.nodes if n.op == "placeholder" and cap.placeholders[n.name].kind == "param"}
     analysis = partition(graph, (1, 1), {name for name, n in params.items() if len(n.users) == 1})
     num = costs.num_blocks
@@ -769,6 +823,10 @@ def annotate_tp(cap, costs):
     for name in analysis.params:
         p = params[name]
         split_bytes[min(u.meta["block"] for u in p.users)] += p.meta["val"].numel() * p.meta["val"].element_size()
+    # A stamped layer's block gets the answer of the layer it copies.
+    for b, source in _stamped_blocks(cap.gm.graph).items():
+        split_flops[b], comm[b], units[b], split_bytes[b] = split_flops[source], comm[source], units[source], \
+            split_bytes[source]
     per = 1.0 / cap.global_batch
     blocks = []
     for blk in costs.blocks:

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 # Below this many layers a full export is cheap enough.
 MIN_LAYERS_TO_STAMP = 4
+# node.meta key of a copied node (and of a copied layer's parameter placeholder): the name of the
+# layer-1 node it copies. Analyses that give every copy the same answer (costs, tensor parallelism)
+# compute it once on layer 1 and reuse it (passes/annotate_costs.py, passes/partition_ops.py).
+STAMPED_FROM = "stamped_from"
 # Attributes that legitimately differ between otherwise identical layers.
 _INDEX_ATTRS = frozenset({"layer_idx", "layer_id", "layer_number", "idx", "index"})
 
@@ -140,7 +144,7 @@ def stamp_layers(gm: torch.fx.GraphModule, placeholders: dict, list_path: str, n
             target = f"{target_prefix}{i}.{suffix}"
             with graph.inserting_after(last_placeholder):
                 new = graph.placeholder(("p_" if kind == "param" else "b_") + f"model.{target}".replace(".", "_"))
-            new.meta = dict(ph.meta)
+            new.meta = {**ph.meta, STAMPED_FROM: ph.name}
             placeholders[new.name] = placeholder_type(kind, target)
             env[ph] = new
             last_placeholder = new
@@ -155,8 +159,8 @@ def stamp_layers(gm: torch.fx.GraphModule, placeholders: dict, list_path: str, n
         with graph.inserting_before(anchor):
             for n in layer1:
                 new = graph.node_copy(n, arg)
-                new.meta = {**n.meta, "nn_module_stack": _renamed_stack(n.meta.get("nn_module_stack", {}),
-                                                                        list_path, i)}
+                new.meta = {**n.meta, STAMPED_FROM: n.name,
+                            "nn_module_stack": _renamed_stack(n.meta.get("nn_module_stack", {}), list_path, i)}
                 env[n] = new
         prev = {n: env[n] for n in layer1}
     post_set = set(post) | {next(n for n in graph.nodes if n.op == "output")}

@@ -239,6 +239,32 @@ def test_same_input_same_decision():
     assert first[1].objective_s == second[1].objective_s
 
 
+def test_plan_does_not_depend_on_the_wall_clock():
+    """The search stops at deterministic budgets (NOTE: [deterministic search]): a machine busy
+    with other jobs (simulated by slowing every CP-SAT call) gets the same plan, and the wall
+    limit stays a safety net that says when it fired."""
+    costs, cluster = transformer_costs(24, 512), three_type_cluster(64)
+    quiet = solve(costs, cluster, num_microbatches=None, schedule="auto")
+    original = planner_module._StageModel.solve
+
+    def slow(self, *args, **kwargs):
+        import time
+        time.sleep(0.05)  # what a loaded machine does to every model
+        return original(self, *args, **kwargs)
+
+    planner_module._StageModel.solve = slow
+    try:
+        busy = solve(costs, cluster, num_microbatches=None, schedule="auto")
+    finally:
+        planner_module._StageModel.solve = original
+    assert quiet[0] == busy[0]
+    assert dataclasses.replace(quiet[1], wall_s=0) == dataclasses.replace(busy[1], wall_s=0)
+    assert not quiet[1].wall_limit_hit
+    # A wall limit far below the normal time fires, and the report says so.
+    _, cut = solve(costs, cluster, num_microbatches=None, schedule="auto", time_limit_s=1e-6)
+    assert cut.wall_limit_hit and cut.status == "FEASIBLE"
+
+
 def test_input_errors():
     costs = make_costs(2, global_batch=10)
     cluster = make_cluster([1], [1])
