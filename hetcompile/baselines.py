@@ -67,6 +67,12 @@ def _schedules(schedule: str) -> tuple[str, ...]:
     return ("gpipe", "1f1b") if schedule == "auto" else ("1f1b",) if schedule == "interleaved" else (schedule,)
 
 
+def _alone(schedule: str) -> str:
+    """The schedule of a plan on one device type: it may be best without interleaving (which needs 2
+    stages or more), so "interleaved" lets it choose, as "auto" does."""
+    return "auto" if schedule == "interleaved" else schedule
+
+
 def _microbatch_counts(costs: ModelCosts, num_microbatches: int | None) -> list[int]:
     if num_microbatches is not None:
         return [num_microbatches]
@@ -151,9 +157,7 @@ def fastest_type_only(costs: ModelCosts, cluster: Cluster, *, num_microbatches: 
     for name in names:  # the fastest type may not hold the model; then the next fastest
         sub, index = sub_cluster(cluster, name)
         try:
-            # One type alone may be best without interleaving: "interleaved" lets it choose (as "auto").
-            decision, _ = solve(costs, sub, num_microbatches=num_microbatches,
-                                schedule="auto" if schedule == "interleaved" else schedule,
+            decision, _ = solve(costs, sub, num_microbatches=num_microbatches, schedule=_alone(schedule),
                                 time_limit_s=_BASELINE_TIME_LIMIT_S, seed=seed)
         except UserError as e:
             errors.append(str(e))
@@ -171,9 +175,7 @@ def per_type_samples_per_s(costs: ModelCosts, cluster: Cluster, *, num_microbatc
     for t in cluster.device_types:
         sub, _ = sub_cluster(cluster, t.name)
         try:
-            # One type alone may be best without interleaving: "interleaved" lets it choose (as "auto").
-            decision, _ = solve(costs, sub, num_microbatches=num_microbatches,
-                                schedule="auto" if schedule == "interleaved" else schedule,
+            decision, _ = solve(costs, sub, num_microbatches=num_microbatches, schedule=_alone(schedule),
                                 time_limit_s=_BASELINE_TIME_LIMIT_S, seed=seed)
         except UserError:
             out[t.name] = 0.0

@@ -127,9 +127,8 @@ def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: st
         if schedule == "auto":
             schedule = decision.schedule
         # HetHub's bound: each device type alone with its best plan, same model and global batch.
-        # (The interleaved schedule needs 2 stages or more: a type alone may do better without it.)
-        upper_bound = upper_bound_samples_per_s(
-            costs, clu, schedule="auto" if schedule_auto or schedule == "interleaved" else schedule, seed=seed)
+        upper_bound = upper_bound_samples_per_s(costs, clu, schedule="auto" if schedule_auto else schedule,
+                                                seed=seed)
     with _phase("emit", timings, progress):
         predicted, _ = predict(decision, costs, clu, schedule)
         predicted["upper_bound_samples_per_s"] = upper_bound

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 
 from hetcompile.errors import UserError
-from hetcompile.predict import chunks_of, predict
+from hetcompile.predict import predict
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def interleaved(decision, chunks: int):
     """
     groups = decision.stages
     p = len(groups)
-    if chunks_of(decision) != 1 or p < 2 or decision.num_microbatches % p:
+    if decision.chunks != 1 or p < 2 or decision.num_microbatches % p:
         return None
     sizes = [st.last_block - st.first_block + 1 for st in groups]
     if min(sizes) < chunks:
@@ -66,10 +66,9 @@ def best_interleaving(decision, costs, cluster, *, required: bool = False):
     if candidates and not required:  # (a simulation of a big plan takes a second: only when needed)
         best, best_s = decision, predict(decision, costs, cluster, decision.schedule)[0]["step_time_s"]
     for candidate in candidates:
-        chunks = chunks_of(candidate)
         predicted, _ = predict(candidate, costs, cluster, "interleaved")
-        logger.debug("interleave %d chunks: %.6f s (fits %s), against %.6f s", chunks, predicted["step_time_s"],
-                     fits(predicted), best_s)
+        logger.debug("interleave %d chunks: %.6f s (fits %s), against %.6f s", candidate.chunks,
+                     predicted["step_time_s"], fits(predicted), best_s)
         if fits(predicted) and predicted["step_time_s"] < best_s:
             best, best_s = candidate, predicted["step_time_s"]
     if best is None and not required:
@@ -78,8 +77,8 @@ def best_interleaving(decision, costs, cluster, *, required: bool = False):
         p, m = len(decision.stages), decision.num_microbatches
         raise UserError(
             f"The interleaved schedule does not apply to the best plan found: it has {p} pipeline stage"
-            f"{'s' if p > 1 else ''} ({m} micro-batch{'es' if m != 1 else ''}), and interleaving needs at least 2 stages, a micro-batch "
-            "count that is a multiple of the stages, at least 2 layers per stage and room in memory for the "
-            "extra micro-batches in flight. Use --schedule 1f1b, or pin more stages with --pp and a micro-batch "
-            "count with --microbatches.")
+            f"{'s' if p > 1 else ''} ({m} micro-batch{'es' if m != 1 else ''}), and interleaving needs at least 2 "
+            "stages, a micro-batch count that is a multiple of the stages, at least 2 layers per stage and room "
+            "in memory for the extra micro-batches in flight. Use --schedule 1f1b, or pin more stages with --pp "
+            "and a micro-batch count with --microbatches.")
     return best

@@ -194,6 +194,11 @@ class PlanDecision:
     microbatch_size: int
     schedule: str = "1f1b"  # the pipeline schedule the plan was chosen for
 
+    @property
+    def chunks(self) -> int:
+        """Stages per device group: 1, or more when the stages go round the groups (interleaved)."""
+        return len(self.stages) // len({st.devices for st in self.stages})
+
 
 @dataclass(frozen=True)
 class SolverReport:

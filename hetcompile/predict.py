@@ -109,16 +109,11 @@ def _shard_bytes(blocks, part: int, total: int) -> float:
     return sum(b.param_bytes * tp_share(b.tp_param_fraction, part, total) for b in blocks)
 
 
-def chunks_of(decision) -> int:
-    """Stages per device group: 1, or more when the stages go round the groups (interleaved schedule)."""
-    return len(decision.stages) // len({st.devices for st in decision.stages})
-
-
 def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, Timeline]:
     """What the cost model expects of ``decision``: step time, throughput, bubbles, memory per device."""
     times = stage_times(decision, costs, cluster)
     timeline = simulate(make_schedule(schedule, len(decision.stages), decision.num_microbatches,
-                                      chunks_of(decision)), **times)
+                                      decision.chunks), **times)
     devices = cluster.devices
     memory: dict[int, dict] = {}  # per device, the sum over its stages
     for s, st in enumerate(decision.stages):

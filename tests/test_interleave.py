@@ -13,7 +13,7 @@ import hetcompile.interleave as interleave_module
 from hetcompile.errors import UserError
 from hetcompile.interleave import best_interleaving, interleaved
 from hetcompile.planner import PlanDecision, StageDecision, solve
-from hetcompile.predict import chunks_of, predict
+from hetcompile.predict import predict
 from test_planner import make_cluster, make_costs
 
 
@@ -26,7 +26,7 @@ def test_each_group_keeps_its_devices_and_its_number_of_layers():
     plan = _two_groups(9, 2, cut=6)  # a 2:1 split, as for a device twice as fast
     for chunks in (2, 3):
         inter = interleaved(plan, chunks)
-        assert inter.schedule == "interleaved" and chunks_of(inter) == chunks
+        assert inter.schedule == "interleaved" and inter.chunks == chunks
         assert [st.devices for st in inter.stages] == [(0,), (1,)] * chunks  # round the groups
         assert inter.stages[0].first_block == 0 and inter.stages[-1].last_block == 8
         for a, b in zip(inter.stages, inter.stages[1:]):
@@ -45,7 +45,7 @@ def test_interleaving_wins_where_the_bubble_dominates():
     cluster = make_cluster([2], [], mem_GB=80.0)
     plan = _two_groups(8, 2, cut=4)
     best = best_interleaving(plan, costs, cluster)
-    assert best.schedule == "interleaved" and chunks_of(best) >= 2
+    assert best.schedule == "interleaved" and best.chunks >= 2
     plain_s = predict(plan, costs, cluster, "1f1b")[0]["step_time_s"]
     assert predict(best, costs, cluster, "interleaved")[0]["step_time_s"] < 0.9 * plain_s
 
@@ -68,7 +68,7 @@ def test_asking_for_interleaving_where_it_cannot_apply_says_why():
 def test_solve_with_the_interleaved_schedule():
     costs = make_costs(8, global_batch=4, out_bytes=1e3)
     decision, report = solve(costs, make_cluster([2], []), schedule="interleaved", pp=2, num_microbatches=2)
-    assert decision.schedule == "interleaved" and chunks_of(decision) >= 2
+    assert decision.schedule == "interleaved" and decision.chunks >= 2
     assert report.status in ("OPTIMAL", "FEASIBLE")
 
 
