@@ -15,8 +15,13 @@ Every number here comes from the one predictor (:func:`hetcompile.predict.predic
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable, Iterator
 
 from cost_models.cluster import Cluster
 from cost_models.memory import device_memory_bytes
@@ -168,20 +173,63 @@ def fastest_type_only(costs: ModelCosts, cluster: Cluster, *, num_microbatches: 
     raise UserError(errors[0])
 
 
+def _alone_samples_per_s(costs: ModelCosts, cluster: Cluster, name: str, num_microbatches: int | None,
+                         schedule: str, seed: int) -> float:
+    """Throughput of the devices of type ``name`` alone with the planner's best plan (0 if none fits)."""
+    sub, _ = sub_cluster(cluster, name)
+    try:
+        decision, _ = solve(costs, sub, num_microbatches=num_microbatches, schedule=_alone(schedule),
+                            time_limit_s=_BASELINE_TIME_LIMIT_S, seed=seed)
+    except UserError:
+        return 0.0
+    return samples_per_s(decision, costs, sub, decision.schedule)
+
+
+def _bound_worker() -> None:
+    """A forked per-type search: low priority; stopped by its parent (terminate), not by the
+    parent's signal handlers (the CLI turns SIGTERM into a clean exit of its own); Ctrl-C is the
+    parent's to handle."""
+    os.nice(10)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def per_type_beside(costs: ModelCosts, cluster: Cluster, *, num_microbatches: int | None = None,
+                    schedule: str = "1f1b", seed: int = 0) -> Iterator[Callable[[], dict[str, float]]]:
+    """Start the per-type searches of :func:`per_type_samples_per_s` beside the caller; yields
+    the function that waits for their result.
+
+    NOTE: [searches side by side] HetHub's bound needs one planner search per device type,
+    together about as long as the plan's own search. They run in processes forked here, one per
+    type, while the caller goes on (the compiler: with the plan's search). Every search stops at
+    deterministic budgets, so the result is that of one search after the other, in about half the
+    time on two cores. They run at a lower priority (nice 10), so the caller's own search, which the
+    rest of its work waits on, keeps a core, and theirs take the spare time. Threads would not do:
+    the searches' Python parts share one GIL and the caller's search starves. Forking happens here,
+    before the caller starts its own search, never while another thread of this process runs one.
+    Leaving the block stops searches still running.
+    """
+    names = [t.name for t in cluster.device_types]
+    args = [(costs, cluster, name, num_microbatches, schedule, seed) for name in names]
+    if "fork" not in multiprocessing.get_all_start_methods():
+        yield lambda: {name: _alone_samples_per_s(*a) for name, a in zip(names, args)}
+        return
+    pool = multiprocessing.get_context("fork").Pool(len(names), initializer=_bound_worker)
+    try:
+        pending = pool.starmap_async(_alone_samples_per_s, args)
+        yield lambda: dict(zip(names, pending.get()))
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def per_type_samples_per_s(costs: ModelCosts, cluster: Cluster, *, num_microbatches: int | None = None,
                            schedule: str = "1f1b", seed: int = 0) -> dict[str, float]:
     """Per device type: the throughput its devices reach alone with the planner's best plan (0 if none fits)."""
-    out = {}
-    for t in cluster.device_types:
-        sub, _ = sub_cluster(cluster, t.name)
-        try:
-            decision, _ = solve(costs, sub, num_microbatches=num_microbatches, schedule=_alone(schedule),
-                                time_limit_s=_BASELINE_TIME_LIMIT_S, seed=seed)
-        except UserError:
-            out[t.name] = 0.0
-            continue
-        out[t.name] = samples_per_s(decision, costs, sub, decision.schedule)
-    return out
+    with per_type_beside(costs, cluster, num_microbatches=num_microbatches, schedule=schedule,
+                         seed=seed) as result:
+        return result()
 
 
 def upper_bound_samples_per_s(costs: ModelCosts, cluster: Cluster, *, num_microbatches: int | None = None,

@@ -20,10 +20,11 @@ from hetcompile.capture import capture
 from hetcompile.errors import UserError
 from hetcompile.lowering import lower
 from hetcompile.modelfile import ModelFile, load_model_file, module_model_file
-from hetcompile.baselines import upper_bound_samples_per_s
+from hetcompile.baselines import per_type_beside
 from hetcompile.block_profile import block_signatures
 from hetcompile.planner import SolverReport, solve
 from hetcompile.predict import predict
+from hetcompile.report import PHASES
 from hetcompile.schedule import SCHEDULES
 from passes.annotate_costs import annotate_costs
 from passes.group_blocks import group_blocks
@@ -34,8 +35,6 @@ from passes.partition_ops import annotate_tp
 log = logging.getLogger(__name__)
 
 
-# The phases of a compile, in order, for "[k/4]" progress lines.
-PHASES = ("capture", "passes", "solve", "emit")
 
 
 @contextmanager
@@ -74,7 +73,7 @@ def _solver_progress(progress, start_s: float):
 
     def on_progress(objective_s: float, bound_s: float) -> None:
         gap = (objective_s - bound_s) / objective_s if objective_s > 0 else 0.0
-        _tell(progress, f"[3/4] solve ... {time.perf_counter() - start_s:5.1f} s: best step "
+        _tell(progress, f"[{PHASES.index('solve') + 1}/{len(PHASES)}] solve ... {time.perf_counter() - start_s:5.1f} s: best step "
                         f"{objective_s * 1e3:.4g} ms, bound {bound_s * 1e3:.4g} ms (gap {gap * 100:.1f}%)",
               transient=True)
 
@@ -114,32 +113,33 @@ def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: st
         raise UserError(f"--microbatches {num_microbatches} does not divide the global batch of "
                         f"{cap.global_batch} samples. Choose a divisor of {cap.global_batch}, or leave it "
                         "out to let the planner choose.")
-    schedule_auto = schedule == "auto"
-    with _phase("solve", timings, progress):
-        if decision is None:
-            # Incumbent and bound while CP-SAT searches.
-            decision, report = solve(costs, clu, num_microbatches=num_microbatches, schedule=schedule,
-                                     max_stages=max_stages, time_limit_s=time_limit_s, seed=seed, tp=tp, pp=pp, dp=dp,
-                                     on_progress=_solver_progress(progress, time.perf_counter()))
-        else:
-            report = SolverReport(status="PINNED", gap=0.0, objective_s=0.0, best_bound_s=0.0, wall_s=0.0,
-                                  num_variables=0)
-        if schedule == "auto":
-            schedule = decision.schedule
-        # HetHub's bound: each device type alone with its best plan, same model and global batch.
-        upper_bound = upper_bound_samples_per_s(costs, clu, schedule="auto" if schedule_auto else schedule,
-                                                seed=seed)
-    with _phase("emit", timings, progress):
-        predicted, _ = predict(decision, costs, clu, schedule)
-        predicted["upper_bound_samples_per_s"] = upper_bound
-        predicted["efficiency"] = predicted["samples_per_s"] / upper_bound if upper_bound > 0 else 0.0
-        solver = {"status": report.status, "gap": report.gap, "objective_s": report.objective_s,
-                  "best_bound_s": report.best_bound_s, "num_variables": report.num_variables,
-                  # True only when the wall-clock safety net cut the search: then the plan may vary run to run.
-                  "wall_limit_hit": report.wall_limit_hit}
-        plan = lower(cap, decision, clu, schedule=schedule, seed=seed, model_file=mf.name,
-                     block_names=[b.name for b in costs.blocks], predicted=predicted, solver=solver,
-                     model_source=mf.source_text(), data_files=mf.data_files)
+    # HetHub's bound: each device type alone with its best plan, same model and global batch,
+    # searched beside the plan and the lowering (NOTE: [searches side by side] in hetcompile/baselines.py).
+    with per_type_beside(costs, clu, schedule=schedule, seed=seed) as per_type:
+        with _phase("solve", timings, progress):
+            if decision is None:
+                # Incumbent and bound while CP-SAT searches.
+                decision, report = solve(costs, clu, num_microbatches=num_microbatches, schedule=schedule,
+                                         max_stages=max_stages, time_limit_s=time_limit_s, seed=seed, tp=tp, pp=pp,
+                                         dp=dp, on_progress=_solver_progress(progress, time.perf_counter()))
+            else:
+                report = SolverReport(status="PINNED", gap=0.0, objective_s=0.0, best_bound_s=0.0, wall_s=0.0,
+                                      num_variables=0)
+            if schedule == "auto":
+                schedule = decision.schedule
+        with _phase("emit", timings, progress):
+            predicted, _ = predict(decision, costs, clu, schedule)
+            solver = {"status": report.status, "gap": report.gap, "objective_s": report.objective_s,
+                      "best_bound_s": report.best_bound_s, "num_variables": report.num_variables,
+                      # True only when the wall-clock safety net cut the search: then the plan may vary run to run.
+                      "wall_limit_hit": report.wall_limit_hit}
+            plan = lower(cap, decision, clu, schedule=schedule, seed=seed, model_file=mf.name,
+                         block_names=[b.name for b in costs.blocks], predicted=predicted, solver=solver,
+                         model_source=mf.source_text(), data_files=mf.data_files)
+        with _phase("bound", timings, progress):
+            upper_bound = sum(per_type().values())
+    predicted["upper_bound_samples_per_s"] = upper_bound
+    predicted["efficiency"] = predicted["samples_per_s"] / upper_bound if upper_bound > 0 else 0.0
     # The block costs travel in plan.json: inspect/explain re-predict alternatives from OUT alone.
     return dataclasses.replace(plan, costs=dataclasses.asdict(costs),
                                timings={**timings, "solver_wall_s": report.wall_s})

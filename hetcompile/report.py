@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
+# The phases of a compile, in order ("[k/5]" progress lines, the summary's "compile:" line).
+# "bound" is the wait for HetHub's upper bound, searched beside the solve and the emit.
+PHASES = ("capture", "passes", "solve", "emit", "bound")
+
 
 def _count(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else (many or one + 's')}"
@@ -90,9 +94,8 @@ def summary(plan) -> str:
              f"(global batch {plan.global_batch}), {plan.world_size} ranks"]
     if plan.timings:
         # Phase order, also for timings read back from timings.json (whose keys are sorted).
-        order = ("capture", "passes", "solve", "emit")
         keys = sorted((k for k in plan.timings if k != "solver_wall_s"),
-                      key=lambda k: order.index(k) if k in order else len(order))
+                      key=lambda k: PHASES.index(k) if k in PHASES else len(PHASES))
         phases = " | ".join(f"{k} {format_time(plan.timings[k])}" for k in keys)
         lines.append(f"  compile: {phases}")
     lines.append("")

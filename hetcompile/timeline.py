@@ -34,7 +34,7 @@ __all__ = ["RankSpan", "busiest_stage", "chrome_trace", "plan_timeline", "rank_s
 
 COMPUTE_TRACK = "compute"
 # Beyond this many ranks the pictures show one row per stage (NOTE: [One track per rank]).
-MAX_RANK_ROWS = 64
+MAX_RANK_ROWS = 16
 
 # Colour per span kind: compute stands out, communication is muted, the all-reduce is warm.
 _COLORS = {FORWARD: "#4C72B0", BACKWARD: "#DD8452", "send": "#7F7F7F", "recv": "#B8B8B8", "allreduce": "#C44E52"}
@@ -232,12 +232,12 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
     row_in = 0.42 if n <= 8 else 0.3 if n <= 24 else 0.2
     label_size = 9 if n <= 24 else 7
     labels = [_row_label(plan, r, short=True) for r in ordered]
-    fig_w, fig_h = 14.0, 1.6 + row_in * n
+    fig_w, fig_h = 14.0, 1.8 + row_in * n
     # Room on the left for the longest rank label (about 0.6 em per character).
     left = (0.25 + max(map(len, labels)) * label_size * 0.6 / 72) / fig_w
     fig = Figure(figsize=(fig_w, fig_h))
     ax, axm = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [4.2, 1], "wspace": 0.04})
-    fig.subplots_adjust(left=left, right=0.97, top=1 - 0.4 / fig_h, bottom=0.9 / fig_h)
+    fig.subplots_adjust(left=left, right=0.97, top=1 - 0.6 / fig_h, bottom=0.9 / fig_h)
     px_per_unit = (fig_w * dpi * (0.97 - left) * 4.2 / 5.2) / max(step, 1e-30)
     # One collection per kind for the whole chart: per-row artists make 64 ranks take seconds.
     boxes: dict[str, list] = {k: [] for k in _COLORS}
@@ -286,7 +286,7 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
     p = plan.predicted
     ax.set_title(f"{plan.model_file}: {plan.schedule}, {plan.num_microbatches} "
                  f"micro-batch{'es' if plan.num_microbatches != 1 else ''} x "
-                 f"{plan.microbatch_size} samples, {plan.world_size} ranks, {len(plan.stages)} stage{'s' if len(plan.stages) > 1 else ''}; "
+                 f"{plan.microbatch_size} samples, {plan.world_size} ranks, {len(plan.stages)} stage{'s' if len(plan.stages) > 1 else ''}\n"
                  f"bubble {p['bubble_fraction'] * 100:.0f}%, {format_rate(p['samples_per_s'])} samples/s"
                  + ("; bars: stage.micro-batch" if plan.chunks > 1 else ""),
                  fontsize=10, loc="left")
