@@ -75,6 +75,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("plan", help="directory written by `hetcompile MODEL --cluster SPEC -o DIR`")
     p.add_argument("--steps", type=_positive_int, default=10, metavar="N",
                    help="training steps, counted from step 0 also when resuming (default 10)")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="write the last step as measured on every rank to FILE (Chrome trace, Perfetto), "
+                        "laid out like the predicted timeline.json")
     p.add_argument("--save-params", default=None, metavar="FILE",
                    help="write the state dict after the last step to this file (torch.save)")
     p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
@@ -95,10 +98,13 @@ def _run_parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     from hetcompile.launch import run
 
-    run(args.plan, steps=args.steps, save_params=args.save_params, timeout_s=args.timeout,
+    run(args.plan, steps=args.steps, save_params=args.save_params, timeout_s=args.timeout, trace=args.trace,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
     if args.save_params:
         print(f"saved parameters to {args.save_params}")
+    if args.trace:
+        print(f"wrote the measured last step to {args.trace} (open it at https://ui.perfetto.dev, beside "
+              f"{os.path.join(args.plan, 'timeline.json')}, the predicted one)")
     if args.checkpoint_dir:
         print(f"saved checkpoints in {args.checkpoint_dir}")
     return 0

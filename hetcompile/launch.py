@@ -47,7 +47,7 @@ def _free_port() -> int:
 def run(plan_dir: str | Path, *, steps: int, save_params: str | Path | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S, checkpoint_dir: str | Path | None = None,
         checkpoint_every: int | None = None, resume: str | Path | None = None, stream=None,
-        env: dict[str, str] | None = None) -> list[float]:
+        env: dict[str, str] | None = None, trace: str | Path | None = None) -> list[float]:
     """Train with every rank of the plan as a local process; returns the losses of the steps it ran.
 
     ``steps`` counts all training steps: resumed from a checkpoint taken after K
@@ -57,7 +57,9 @@ def run(plan_dir: str | Path, *, steps: int, save_params: str | Path | None = No
     With ``checkpoint_dir``, saves the training state every ``checkpoint_every``
     steps and after the last (see :mod:`hetcompile.runtime.checkpoint`);
     ``resume`` continues from such a checkpoint, under this plan or any other
-    plan of the same model. ``env`` adds environment variables for the ranks.
+    plan of the same model. ``env`` adds environment variables for the ranks. With ``trace``,
+    writes the last step as measured on every rank to that Chrome trace file (NOTE: [measured
+    trace] in hetcompile/runtime/context.py), to open beside the predicted timeline.json.
 
     >>> losses = run("out/gpt2", steps=3)  # doctest: +SKIP
     >>> losses = run("out/gpt2_other_cluster", steps=6, resume="ckpt")  # doctest: +SKIP
@@ -80,6 +82,8 @@ def run(plan_dir: str | Path, *, steps: int, save_params: str | Path | None = No
                     "--checkpoint-every", str(checkpoint_every or _DEFAULT_CHECKPOINT_EVERY)]
         if resume:
             cmd += ["--resume", str(Path(resume).resolve())]
+        if trace:
+            cmd += ["--trace", str(Path(scratch) / "trace")]
         run_env = {**os.environ, "HETCOMPILE_DEVICE": "cpu", "OMP_NUM_THREADS": "1",
                    "HETCOMPILE_TIMEOUT_S": str(max(1, round(timeout_s))), "HETCOMPILE_FAILURE_DIR": str(failures),
                    **(env or {}),
@@ -112,6 +116,12 @@ def run(plan_dir: str | Path, *, steps: int, save_params: str | Path | None = No
             raise UserError(_failure_message(plan, plan_dir, proc.returncode, log, failures,
                                              last_step=start + len(losses) - 1, timeout_s=timeout_s,
                                              checkpoint_dir=checkpoint_dir))
+        if trace:
+            from hetcompile.timeline import measured_trace
+            spans = {r: json.loads((Path(scratch) / "trace" / f"rank_{r}.json").read_text())
+                     for r in range(plan.world_size)}
+            Path(trace).parent.mkdir(parents=True, exist_ok=True)
+            Path(trace).write_text(json.dumps(measured_trace(plan, spans)) + "\n")
         if save_params:
             state = merge_params(plan, plan_dir, shards)
             Path(save_params).parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,8 @@ import numpy as np
 from hetcompile.report import format_ranges, format_rate, format_tp
 from hetcompile.schedule import BACKWARD, FORWARD, Timeline, make_schedule, simulate
 
-__all__ = ["RankSpan", "busiest_stage", "chrome_trace", "plan_timeline", "rank_spans", "shown_ranks", "timeline_png"]
+__all__ = ["RankSpan", "busiest_stage", "chrome_trace", "measured_trace", "plan_timeline", "rank_spans", "shown_ranks",
+           "timeline_png"]
 
 COMPUTE_TRACK = "compute"
 # Beyond this many ranks the pictures show one row per stage (NOTE: [One track per rank]).
@@ -199,6 +200,31 @@ def chrome_trace(plan, timeline: Timeline | None = None) -> dict:
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"plan": plan.fingerprint, "schedule": plan.schedule,
                           "step_time_s": plan.predicted["step_time_s"]}}
+
+
+def measured_trace(plan, spans_by_rank: dict[int, list]) -> dict:
+    """A run's measured last step (NOTE: [measured trace] in hetcompile/runtime/context.py) as a
+    Chrome trace laid out like :func:`chrome_trace`'s prediction: one process per rank, a
+    ``compute`` thread (forward and backward, the waits for received values inside them, the
+    optimizer) and a ``comm 0`` thread (all-reduces). Times from the start of the rank's step.
+    """
+    by_rank = {r.rank: r for r in plan.ranks}
+    events: list[dict] = []
+    for position, rank in enumerate(sorted(spans_by_rank)):
+        r = by_rank[rank]
+        events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
+                       "args": {"name": _rank_label(r) + " · measured"}})
+        events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0,
+                       "args": {"sort_index": position}})
+        for tid, track in enumerate((COMPUTE_TRACK, "comm 0")):
+            events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": track}})
+        for kind, name, mb, start_s, dur_s in spans_by_rank[rank]:
+            events.append({"name": name, "cat": kind, "ph": "X", "pid": rank, "tid": int(kind == "allreduce"),
+                           "ts": start_s * 1e6, "dur": dur_s * 1e6, "args": {"microbatch": mb}})
+    step_s = max((start_s + dur_s for spans in spans_by_rank.values() for *_, start_s, dur_s in spans), default=0.0)
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"plan": plan.fingerprint, "schedule": plan.schedule, "measured_step_s": step_s,
+                          "predicted_step_s": plan.predicted["step_time_s"]}}
 
 
 def _time_unit(step_s: float) -> tuple[float, str]:

@@ -7,6 +7,7 @@ and final parameters with single-device training on the same global batches.
 """
 
 import functools
+import json
 import subprocess
 import sys
 
@@ -106,9 +107,17 @@ def test_cli_compile_and_run_matches_one_device(examples, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "predicted" in done.stdout and "solver" in done.stdout
     params = tmp_path / "p.pt"
-    done = subprocess.run(cli + ["run", str(out), "--steps", "2", "--save-params", str(params)],
+    trace = tmp_path / "measured.json"
+    done = subprocess.run(cli + ["run", str(out), "--steps", "2", "--save-params", str(params), "--trace", str(trace)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr + done.stdout
+    # The measured last step: every rank, every forward and backward of its stage(s), the optimizer.
+    plan = hetcompile.load(out)
+    spans = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    for r in plan.ranks:
+        kinds = [e["cat"] for e in spans if e["pid"] == r.rank]
+        assert kinds.count("F") == kinds.count("B") == plan.num_microbatches * len(r.stages), (r.rank, kinds)
+        assert "optimizer" in kinds
     losses = [float(line.split()[3]) for line in done.stdout.splitlines() if line.startswith("step ")]
     ref_losses, ref_state = reference_training(load_model_file(examples / "gpt2.py"), steps=2)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -79,6 +81,8 @@ class RankContext:
         self.readers = {v.name: sum(c in self.stages for c in v.consumers) for v in self.plan.values}
         self.num_samples = self.spec.sample_hi - self.spec.sample_lo
         self.last_stage = len(self.plan.stages) - 1
+        self.spans: list | None = None  # the measured trace (NOTE: [measured trace]), when asked for
+        self.step_start_s = 0.0
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -128,10 +132,35 @@ class RankContext:
         # A stage without parameters (only the loss, say) has nothing to step.
         self.optimizer = self.model_file.get_optimizer(trainable) if trainable else None
 
+    # -- measured trace -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _span(self, kind: str, name: str, mb: int = -1):
+        """Time what the block does as one span of this step's measured trace (``--trace``).
+
+        NOTE: [measured trace] With ``--trace DIR`` every rank records its last step's spans
+        (compute, waits for received values, collectives, optimizer) and writes them to
+        DIR/rank_R.json; :func:`hetcompile.launch.run` merges them into one Chrome trace laid out
+        like the predicted timeline.json, so the two open side by side in Perfetto. Waits are
+        spans of their own inside the forward or backward that waited.
+        """
+        if self.spans is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spans.append((kind, name, mb, start - self.step_start_s, time.perf_counter() - start))
+
     # -- one training step ----------------------------------------------------------------------
 
     def start_step(self, step: int) -> None:
-        flat, _ = self.model_file.flat_batch(step)
+        self.step_start_s = time.perf_counter()
+        if self.spans is not None:
+            self.spans = []
+        with self._span("batch", "get_batch"):
+            flat, _ = self.model_file.flat_batch(step)
         if flat[0].shape[0] != self.plan.global_batch:
             raise SystemExit(f"hetcompile: get_batch({step}) has {flat[0].shape[0]} samples, the plan was compiled "
                              f"for a global batch of {self.plan.global_batch}. Recompile the plan.")
@@ -191,7 +220,8 @@ class RankContext:
     def _collect_grads(self, mb: int) -> None:
         """Wait for the gradients received for micro-batch ``mb`` and add them up per output."""
         for name, samples, buf, posted in self.grad_recvs.pop(mb, ()):
-            posted.wait()
+            with self._span("wait", f"wait grad {name} mb{mb}", mb):
+                posted.wait()
             out = self.saved[self.producer[name], mb][1][name]
             total = self.grads.setdefault((mb, name), torch.zeros_like(out))
             rows = self._local_rows(name, samples)
@@ -219,6 +249,10 @@ class RankContext:
 
     def forward(self, stage: int, *, mb: int) -> None:
         """Run ``stage``'s forward on this rank's samples of micro-batch ``mb``."""
+        with self._span("F", f"F s{stage} mb{mb}", mb):
+            self._forward(stage, mb)
+
+    def _forward(self, stage: int, mb: int) -> None:
         spec, b = self.stage_specs[stage], self.plan.microbatch_size
         lo, hi = mb * b + self.spec.sample_lo, mb * b + self.spec.sample_hi
         args, leaves = [], {}
@@ -255,7 +289,8 @@ class RankContext:
     def _take(self, key: tuple[int, str]) -> torch.Tensor:
         """A value input for one of this rank's stages (see NOTE: [values on a rank])."""
         if key in self.inbox:  # received: wait for its pieces, in sample order
-            pieces = [posted.wait() for _, _, posted in sorted(self.inbox.pop(key), key=lambda p: p[0])]
+            with self._span("wait", f"wait {key[1]} mb{key[0]}", key[0]):
+                pieces = [posted.wait() for _, _, posted in sorted(self.inbox.pop(key), key=lambda p: p[0])]
             self.held[key] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces), self.readers[key[1]])
         value, readers_left = self.held.pop(key)
         if readers_left > 1:
@@ -265,6 +300,10 @@ class RankContext:
     def backward(self, stage: int, *, mb: int) -> None:
         """Backward of ``stage`` for micro-batch ``mb``: the loss weighted by this piece's share of the
         global batch, and the gradients of the outputs (received, or from this rank's later stages)."""
+        with self._span("B", f"B s{stage} mb{mb}", mb):
+            self._backward(stage, mb)
+
+    def _backward(self, stage: int, mb: int) -> None:
         self._collect_grads(mb)
         spec = self.stage_specs[stage]
         leaves, outs = self.saved.pop((stage, mb))
@@ -309,20 +348,24 @@ class RankContext:
             # A whole parameter has the same gradient on every member of the TP group: each adds 1/tp.
             grads = [g if name in self.split_params else g / self.tp for name, g in zip(group.params, grads)]
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.groups[group.ranks])
+        with self._span("allreduce", f"all-reduce grads {len(group.ranks)} ranks"):
+            dist.all_reduce(flat, group=self.groups[group.ranks])
         for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
             p.grad = g
 
     def optimizer_step(self) -> None:
-        for work, _ in self.pending:
-            work.wait()
+        with self._span("wait", "wait sends"):
+            for work, _ in self.pending:
+                work.wait()
         self.pending = []
         if self.optimizer is not None:
-            self.optimizer.step()
+            with self._span("optimizer", "optimizer step"):
+                self.optimizer.step()
 
     def end_step(self) -> float:
         total = self.loss_sum.clone()
-        dist.all_reduce(total)
+        with self._span("allreduce", "all-reduce loss"):
+            dist.all_reduce(total)
         self.saved = {}
         return float(total)
 
@@ -335,7 +378,10 @@ class RankContext:
         parser.add_argument("--checkpoint-dir", default=None, help="save training state under this directory")
         parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
         parser.add_argument("--resume", default=None, help="checkpoint (or --checkpoint-dir) to continue from")
+        parser.add_argument("--trace", default=None, help="directory for this rank's measured trace of the last step")
         args = parser.parse_args()
+        if args.trace:
+            self.spans = []
         try:
             start = 0
             if args.resume:
@@ -359,6 +405,9 @@ class RankContext:
                                     tp_group=tp.GROUP)
                     now_s = time.perf_counter()  # the save is not part of the next step's time
                 last_s = now_s
+            if args.trace:
+                Path(args.trace).mkdir(parents=True, exist_ok=True)
+                (Path(args.trace) / f"rank_{self.rank}.json").write_text(json.dumps(self.spans))
             if args.save_params:
                 Path(args.save_params).mkdir(parents=True, exist_ok=True)
                 torch.save({k: v.detach().cpu() for k, v in self.params.items()},
