@@ -53,21 +53,28 @@ def interleaved(decision, chunks: int):
     return dataclasses.replace(decision, stages=tuple(stages), schedule="interleaved")
 
 
-def best_interleaving(decision, costs, cluster, *, required: bool = False):
-    """The fastest of ``decision`` and its interleavings that fit in memory (NOTE: [interleaving a
-    solved plan]); with ``required`` (the user asked for the interleaved schedule) the fastest
-    interleaving that fits, or a UserError saying why there is none."""
+def best_interleaving(decision, costs, cluster, *, required: bool = False, runners_up=()):
+    """The fastest of ``decision`` and the interleavings that fit in memory (NOTE: [interleaving a
+    solved plan]) of ``decision`` and of ``runners_up`` (close plans of the search, best first);
+    with ``required`` (the user asked for the interleaved schedule) the fastest interleaving that
+    fits, or a UserError saying why there is none.
+
+    A runner-up can win only interleaved: it may have the micro-batch count, or the layers per
+    group, that interleaving needs, or a pipeline whose fill and drain interleaving cuts more.
+    """
 
     def fits(predicted) -> bool:
         return all(m["mem_bytes"] <= m["capacity_bytes"] for m in predicted["memory"])
 
-    candidates = [c for c in (interleaved(decision, chunks) for chunks in range(2, MAX_CHUNKS + 1)) if c]
+    candidates = [c for d in (decision, *runners_up)
+                  for c in (interleaved(d, chunks) for chunks in range(2, MAX_CHUNKS + 1)) if c]
     best, best_s = None, float("inf")
     if candidates and not required:  # (a simulation of a big plan takes a second: only when needed)
         best, best_s = decision, predict(decision, costs, cluster, decision.schedule)[0]["step_time_s"]
     for candidate in candidates:
         predicted, _ = predict(candidate, costs, cluster, "interleaved")
-        logger.debug("interleave %d chunks: %.6f s (fits %s), against %.6f s", candidate.chunks,
+        logger.debug("interleave %d groups x %d chunks (M=%d): %.6f s (fits %s), against %.6f s",
+                     len(candidate.stages) // candidate.chunks, candidate.chunks, candidate.num_microbatches,
                      predicted["step_time_s"], fits(predicted), best_s)
         if fits(predicted) and predicted["step_time_s"] < best_s:
             best, best_s = candidate, predicted["step_time_s"]

@@ -129,7 +129,7 @@ from cost_models.devices import DeviceType
 from cost_models.memory import STATIC_BYTES_PER_PARAM_BYTE, stage_memory_bytes, tp_share
 from cost_models.roofline import block_time_s
 from hetcompile.errors import UserError
-from hetcompile.interleave import best_interleaving
+from hetcompile.interleave import best_interleaving, interleaved
 from hetcompile.ir import ModelCosts
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,10 @@ HINT_SLACK = 1.25
 # this many (NOTE: [objective vs predictor]).
 PREDICTED_SLACK = 1.05
 PREDICTED_CANDIDATES = 3
+# Close plans also interleaved (NOTE: [interleaving a solved plan]): within this factor of the
+# plan's objective (interleaving cuts at most the bubble, rarely a tenth of a step), at most this many.
+INTERLEAVE_SLACK = 1.10
+INTERLEAVE_RUNNERS_UP = 3
 # Heuristic plans polished by local moves before CP-SAT (_polish), best first, and its rounds.
 POLISHED_PLANS = 4
 POLISH_ROUNDS = 20
@@ -1513,23 +1517,28 @@ def _pick_by_prediction(problem: _Problem, choice: _Choice, screened, found, cos
     """
     from hetcompile.predict import predict
 
-    pool = [(choice.objective_units, -1, problem, choice)]
-    others = [(other, per_s[num_stages]) for other, per_s in screened for num_stages in sorted(per_s)] + found
-    for i, (other, cand) in enumerate(others):
-        if cand.objective_units <= PREDICTED_SLACK * choice.objective_units and cand is not choice:
-            pool.append((cand.objective_units, i, other, cand))
-    pool.sort(key=lambda x: (x[0], x[1]))
+    pool = [(problem, choice)] + _close_plans(choice, screened, found, PREDICTED_SLACK)
     best = None
-    for objective, order, other, cand in pool[:PREDICTED_CANDIDATES]:
+    for order, (other, cand) in enumerate(pool[:PREDICTED_CANDIDATES]):
         decision = _to_decision(other, cand)
         step_s = predict(decision, costs, cluster, other.schedule)[0]["step_time_s"]
-        key = (round(step_s * TIME_UNITS_PER_S), objective, order)
+        key = (round(step_s * TIME_UNITS_PER_S), cand.objective_units, order)
         if best is None or key < best[0]:
             best = (key, other, cand)
     if best[2] is not choice:
         logger.debug("predictor prefers a runner-up: objective %d -> %d", choice.objective_units,
                      best[2].objective_units)
     return best[1], best[2]
+
+
+def _close_plans(choice: _Choice, screened, found, slack: float) -> list[tuple[_Problem, _Choice]]:
+    """The search's other plans within ``slack`` times ``choice``'s objective, best first (ties: the
+    heuristic plans of the screened pairs in order, then CP-SAT's in the order found)."""
+    others = [(other, per_s[num_stages]) for other, per_s in screened for num_stages in sorted(per_s)] + found
+    pool = [(cand.objective_units, i, other, cand) for i, (other, cand) in enumerate(others)
+            if cand is not choice and cand.objective_units <= slack * choice.objective_units]
+    pool.sort(key=lambda x: (x[0], x[1]))
+    return [(other, cand) for _, _, other, cand in pool]
 
 
 def _real_kinds(problem: _Problem, hint: _Choice | None) -> list[int]:
@@ -1726,7 +1735,17 @@ def solve(
                 len(choice.stages), report.objective_s, gap, report.status)
     decision = _to_decision(problem, choice)
     if schedule in ("auto", "interleaved"):
-        decision = best_interleaving(decision, costs, cluster, required=schedule == "interleaved")
+        required = schedule == "interleaved"
+        # Asked for interleaving, the closest plans that can be interleaved, however far.
+        close = _close_plans(choice, plain + with_tp, found, math.inf if required else INTERLEAVE_SLACK)
+        runners_up = []
+        for other, cand in close:
+            d = _to_decision(other, cand)
+            if d != decision and d not in runners_up and interleaved(d, 2) is not None:
+                runners_up.append(d)
+                if len(runners_up) == INTERLEAVE_RUNNERS_UP:
+                    break
+        decision = best_interleaving(decision, costs, cluster, required=required, runners_up=runners_up)
     return decision, report
 
 

@@ -65,6 +65,22 @@ def test_asking_for_interleaving_where_it_cannot_apply_says_why():
         best_interleaving(one_stage, costs, make_cluster([1], []), required=True)
 
 
+def test_close_plans_are_interleaved_too():
+    """The search's plan cannot be interleaved (one micro-batch on two groups); a runner-up with two
+    micro-batches can. Asked for interleaving, the runner-up's interleaving is the plan; otherwise
+    it must be faster than the search's plan, which it is not here."""
+    costs = make_costs(8, global_batch=2, out_bytes=1e3)
+    cluster = make_cluster([2], [], mem_GB=80.0)
+    best = PlanDecision(_two_groups(8, 1, cut=4).stages, num_microbatches=1, microbatch_size=2)
+    runner_up = _two_groups(8, 2, cut=4)
+    assert interleaved(best, 2) is None
+    chosen = best_interleaving(best, costs, cluster, required=True, runners_up=[runner_up])
+    assert chosen.schedule == "interleaved" and chosen.num_microbatches == 2
+    chosen_s = predict(chosen, costs, cluster, "interleaved")[0]["step_time_s"]
+    assert chosen_s > predict(best, costs, cluster, "1f1b")[0]["step_time_s"]
+    assert best_interleaving(best, costs, cluster, runners_up=[runner_up]) is best
+
+
 def test_solve_with_the_interleaved_schedule():
     costs = make_costs(8, global_batch=4, out_bytes=1e3)
     decision, report = solve(costs, make_cluster([2], []), schedule="interleaved", pp=2, num_microbatches=2)
