@@ -35,8 +35,6 @@ from passes.partition_ops import annotate_tp
 log = logging.getLogger(__name__)
 
 
-
-
 @contextmanager
 def _phase(name: str, timings: dict, progress):
     """Time one phase into ``timings``; tell ``progress`` (when given) it started and how long it took.
@@ -73,7 +71,8 @@ def _solver_progress(progress, start_s: float):
 
     def on_progress(objective_s: float, bound_s: float) -> None:
         gap = (objective_s - bound_s) / objective_s if objective_s > 0 else 0.0
-        _tell(progress, f"[{PHASES.index('solve') + 1}/{len(PHASES)}] solve ... {time.perf_counter() - start_s:5.1f} s: best step "
+        tag = f"[{PHASES.index('solve') + 1}/{len(PHASES)}] solve"
+        _tell(progress, f"{tag} ... {time.perf_counter() - start_s:5.1f} s: best step "
                         f"{objective_s * 1e3:.4g} ms, bound {bound_s * 1e3:.4g} ms (gap {gap * 100:.1f}%)",
               transient=True)
 

@@ -162,6 +162,8 @@ MAX_SOLVED_VARIABLES = 12_000
 # it (a pair the heuristics cannot fill, or fill far worse, rarely holds the optimum, and proving
 # that costs a large model its whole budget); the others keep their analytic bound in the gap.
 HINT_SLACK = 1.25
+# With an incumbent, the far pairs' second pass gets at most this share of the search's budget.
+SECOND_PASS_SHARE = 0.25
 # Plans whose objective is within this factor of the best are re-ranked by the predictor, at most
 # this many (NOTE: [objective vs predictor]).
 PREDICTED_SLACK = 1.05
@@ -1782,6 +1784,9 @@ def _solve_best(screened, ladder, complete, start, time_limit_s, seed, num_worke
     # small instances still get every pair solved (and proven), large ones spend it on the near ones.
     deferred = []
     for second_pass, queue in ((False, pairs), (True, deferred)):
+        if second_pass and best is not None:
+            # Far pairs rarely beat the incumbent, and large ones take their whole share to say so.
+            work_left = min(work_left, SECOND_PASS_SHARE * deterministic_budget)
         for problem, num_stages, hint in queue:
             if not problem.may_fit():
                 bounds.append(math.inf)  # proven: no plan of this pair fits memory
