@@ -1742,6 +1742,10 @@ def solve(
         close = _close_plans(choice, plain + with_tp, found, math.inf if required else INTERLEAVE_SLACK)
         runners_up = []
         for other, cand in close:
+            # Interleaving cuts at most the fill and drain, (p - 1) of the M + p - 1 slots of a step.
+            m, p = other.num_microbatches, len(cand.stages)
+            if not required and cand.objective_units * m >= choice.objective_units * (m + p - 1):
+                continue
             d = _to_decision(other, cand)
             if d != decision and d not in runners_up and interleaved(d, 2) is not None:
                 runners_up.append(d)
