@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                 continue
             _, costs = analyze(EXAMPLES / model)
             decision = pinned_decision(stages, num_microbatches, costs.num_blocks, costs.global_batch, schedule)
-            profile = fixed or measure_profile("cpu", num_ranks=2, num_threads=1, quick=True,
+            profile = fixed or measure_profile("cpu", num_ranks=2, num_threads=1, quick=False,
                                                models=() if args.no_blocks else (EXAMPLES / model,))
             profiles.append(profile)
             save_profile(profile, Path(tmp) / "cpu_profile.json")
