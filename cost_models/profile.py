@@ -61,6 +61,8 @@ MATMUL_SHAPES = ((16, 64, 64), (64, 64, 64), (128, 192, 64), (256, 256, 64), (25
 MATMUL_SHAPES_CUDA = MATMUL_SHAPES + ((2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192))
 COPY_NUMEL = (1 << 12, 1 << 16, 1 << 20, 1 << 22)
 COMM_BYTES = (4, 1 << 12, 1 << 16, 1 << 20, 1 << 22)
+# Compute on every rank before each measured transfer (NOTE: [collectives as a step meets them]).
+COMM_GAP_S = 0.002
 # Ops per timed chain when measuring per-op overhead: long enough that the
 # Python loop and the final sum are a small part of the time.
 _CHAIN_LEN = 40
@@ -454,28 +456,39 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
         if device == "cuda":
             torch.cuda.synchronize()
 
+    def compute_gap():
+        end = time.perf_counter() + COMM_GAP_S
+        while time.perf_counter() < end:
+            pass
+
     samples = []
     dist.barrier()
-    # torch.utils.benchmark picks its repeat count per process, and a collective must be
-    # called the same number of times on every rank; so a fixed count, median of rounds.
+    # NOTE: [collectives as a step meets them] In training a collective or a transfer comes after
+    # compute, with every rank's communication threads idle since the last one; one right after
+    # another (a hot loop) finds them awake and pipelines, and on gloo over local sockets costs a
+    # fraction of it (4 KB all-reduce on 2 CPU ranks: about 0.1 ms in a loop, 0.6-0.9 ms after a
+    # barrier and 5 ms of compute). So each sample is one operation after a barrier and
+    # COMM_GAP_S of compute on every rank; a fixed count (a collective must be called as often
+    # on every rank), the median.
     for num_bytes in COMM_BYTES:
         x = torch.zeros(max(num_bytes // 4, 1), device=dev)
         for kind in ("p2p", "allreduce"):
             rounds = []
-            for _ in range(repeats + 2):  # two warm-up rounds
+            for _ in range(4 * repeats + 2):  # two warm-up rounds
                 dist.barrier()
-                start = time.perf_counter()
-                for _ in range(8):
-                    if kind == "allreduce":
-                        dist.all_reduce(x)
-                    elif rank == 0:  # ping-pong between ranks 0 and 1: a round trip is two messages
-                        dist.send(x, 1)
-                        dist.recv(x, 1)
-                    elif rank == 1:
-                        dist.recv(x, 0)
-                        dist.send(x, 0)
                 sync()
-                per = (time.perf_counter() - start) / 8
+                compute_gap()
+                start = time.perf_counter()
+                if kind == "allreduce":
+                    dist.all_reduce(x)
+                elif rank == 0:  # ping-pong between ranks 0 and 1: a round trip is two messages
+                    dist.send(x, 1)
+                    dist.recv(x, 1)
+                elif rank == 1:
+                    dist.recv(x, 0)
+                    dist.send(x, 0)
+                sync()
+                per = time.perf_counter() - start
                 rounds.append(per / 2 if kind == "p2p" else per)
             rounds = sorted(rounds[2:])
             samples.append((kind, x.numel() * 4, rounds[len(rounds) // 2]))
