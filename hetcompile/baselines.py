@@ -212,7 +212,8 @@ def per_type_beside(costs: ModelCosts, cluster: Cluster, *, num_microbatches: in
     """
     names = [t.name for t in cluster.device_types]
     args = [(costs, cluster, name, num_microbatches, schedule, seed) for name in names]
-    if "fork" not in multiprocessing.get_all_start_methods():
+    # One after the other where forking is not there, or not allowed (inside a daemonic process).
+    if "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
         yield lambda: {name: _alone_samples_per_s(*a) for name, a in zip(names, args)}
         return
     pool = multiprocessing.get_context("fork").Pool(len(names), initializer=_bound_worker)

@@ -572,3 +572,16 @@ def test_pinned_shapes_that_cannot_fit_raise_user_errors():
         solve(costs, cluster, num_microbatches=4, pp=5)
     with pytest.raises(UserError, match="--dp 4 asks for 4 data-parallel replicas"):
         solve(costs, cluster, num_microbatches=4, dp=4)
+
+
+def test_bound_searches_beside_give_the_answer_of_one_after_the_other():
+    """HetHub's per-type searches run in forked processes (NOTE: [searches side by side]): the same
+    numbers as searching the types one after the other in this process."""
+    from hetcompile.baselines import _alone_samples_per_s, per_type_beside
+
+    costs = make_costs(4, global_batch=8)
+    cluster = make_cluster([2], [2])
+    with per_type_beside(costs, cluster, schedule="auto") as result:
+        beside = result()
+    serial = {t.name: _alone_samples_per_s(costs, cluster, t.name, None, "auto", 0) for t in cluster.device_types}
+    assert beside == serial and all(v > 0 for v in beside.values())
