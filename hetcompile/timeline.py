@@ -185,13 +185,8 @@ def chrome_trace(plan, timeline: Timeline | None = None) -> dict:
     spans = rank_spans(plan, timeline, ordered)
     events: list[dict] = []
     for position, r in enumerate(ordered):
-        events.append({"name": "process_name", "ph": "M", "pid": r.rank, "tid": 0,
-                       "args": {"name": _row_label(plan, r, short=False)}})
-        events.append({"name": "process_sort_index", "ph": "M", "pid": r.rank, "tid": 0,
-                       "args": {"sort_index": position}})
         tracks = [COMPUTE_TRACK] + sorted({sp.track for sp in spans[r.rank]} - {COMPUTE_TRACK})
-        for tid, track in enumerate(tracks):
-            events.append({"name": "thread_name", "ph": "M", "pid": r.rank, "tid": tid, "args": {"name": track}})
+        events += _process_events(r.rank, _row_label(plan, r, short=False), position, tracks)
         tid_of = {track: tid for tid, track in enumerate(tracks)}
         for sp in spans[r.rank]:
             events.append({"name": sp.name, "cat": sp.kind, "ph": "X", "pid": r.rank, "tid": tid_of[sp.track],
@@ -200,6 +195,14 @@ def chrome_trace(plan, timeline: Timeline | None = None) -> dict:
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"plan": plan.fingerprint, "schedule": plan.schedule,
                           "step_time_s": plan.predicted["step_time_s"]}}
+
+
+def _process_events(pid: int, label: str, position: int, tracks) -> list[dict]:
+    """Chrome trace metadata of one rank: its name, its place in the list, its tracks (thread ids in order)."""
+    return ([{"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": label}},
+             {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": position}}]
+            + [{"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": track}}
+               for tid, track in enumerate(tracks)])
 
 
 def measured_trace(plan, spans_by_rank: dict[int, list]) -> dict:
@@ -211,13 +214,8 @@ def measured_trace(plan, spans_by_rank: dict[int, list]) -> dict:
     by_rank = {r.rank: r for r in plan.ranks}
     events: list[dict] = []
     for position, rank in enumerate(sorted(spans_by_rank)):
-        r = by_rank[rank]
-        events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
-                       "args": {"name": _rank_label(r) + " · measured"}})
-        events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0,
-                       "args": {"sort_index": position}})
-        for tid, track in enumerate((COMPUTE_TRACK, "comm 0")):
-            events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": track}})
+        events += _process_events(rank, _rank_label(by_rank[rank]) + " · measured", position,
+                                  (COMPUTE_TRACK, "comm 0"))
         for kind, name, mb, start_s, dur_s in spans_by_rank[rank]:
             events.append({"name": name, "cat": kind, "ph": "X", "pid": rank, "tid": int(kind == "allreduce"),
                            "ts": start_s * 1e6, "dur": dur_s * 1e6, "args": {"microbatch": mb}})

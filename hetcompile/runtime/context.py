@@ -23,6 +23,8 @@ from hetcompile.runtime import checkpoint, tp
 # peer's closed sockets fail a wait at once; this bounds the wait on a peer that hangs. Launches
 # from launch.sh on a real cluster get this; `hetcompile run` (CPU) sets HETCOMPILE_TIMEOUT_S (--timeout, 30).
 DEFAULT_TIMEOUT_S = 300
+# The span of a step that records no trace (RankContext._span).
+_NO_SPAN = contextlib.nullcontext()
 
 
 def _device_for(device_type: str) -> tuple[torch.device, str]:
@@ -134,19 +136,23 @@ class RankContext:
 
     # -- measured trace -----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _span(self, kind: str, name: str, mb: int = -1):
-        """Time what the block does as one span of this step's measured trace (``--trace``).
+    def _span(self, kind: str, name: str, *args, mb: int = -1):
+        """Time what the block does as one span of this step's measured trace (``--trace``);
+        ``name.format(*args)`` names it, formatted only when a trace is recorded.
 
         NOTE: [measured trace] With ``--trace DIR`` every rank records its last step's spans
         (compute, waits for received values, collectives, optimizer) and writes them to
         DIR/rank_R.json; :func:`hetcompile.launch.run` merges them into one Chrome trace laid out
         like the predicted timeline.json, so the two open side by side in Perfetto. Waits are
-        spans of their own inside the forward or backward that waited.
+        spans of their own inside the forward or backward that waited. Without a trace, a span
+        is a shared no-op context: nothing is built on the step's path.
         """
         if self.spans is None:
-            yield
-            return
+            return _NO_SPAN
+        return self._recorded(kind, name.format(*args), mb)
+
+    @contextlib.contextmanager
+    def _recorded(self, kind: str, name: str, mb: int):
         start = time.perf_counter()
         try:
             yield
@@ -220,7 +226,7 @@ class RankContext:
     def _collect_grads(self, mb: int) -> None:
         """Wait for the gradients received for micro-batch ``mb`` and add them up per output."""
         for name, samples, buf, posted in self.grad_recvs.pop(mb, ()):
-            with self._span("wait", f"wait grad {name} mb{mb}", mb):
+            with self._span("wait", "wait grad {} mb{}", name, mb, mb=mb):
                 posted.wait()
             out = self.saved[self.producer[name], mb][1][name]
             total = self.grads.setdefault((mb, name), torch.zeros_like(out))
@@ -249,7 +255,7 @@ class RankContext:
 
     def forward(self, stage: int, *, mb: int) -> None:
         """Run ``stage``'s forward on this rank's samples of micro-batch ``mb``."""
-        with self._span("F", f"F s{stage} mb{mb}", mb):
+        with self._span("F", "F s{} mb{}", stage, mb, mb=mb):
             self._forward(stage, mb)
 
     def _forward(self, stage: int, mb: int) -> None:
@@ -289,7 +295,7 @@ class RankContext:
     def _take(self, key: tuple[int, str]) -> torch.Tensor:
         """A value input for one of this rank's stages (see NOTE: [values on a rank])."""
         if key in self.inbox:  # received: wait for its pieces, in sample order
-            with self._span("wait", f"wait {key[1]} mb{key[0]}", key[0]):
+            with self._span("wait", "wait {} mb{}", key[1], key[0], mb=key[0]):
                 pieces = [posted.wait() for _, _, posted in sorted(self.inbox.pop(key), key=lambda p: p[0])]
             self.held[key] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces), self.readers[key[1]])
         value, readers_left = self.held.pop(key)
@@ -300,7 +306,7 @@ class RankContext:
     def backward(self, stage: int, *, mb: int) -> None:
         """Backward of ``stage`` for micro-batch ``mb``: the loss weighted by this piece's share of the
         global batch, and the gradients of the outputs (received, or from this rank's later stages)."""
-        with self._span("B", f"B s{stage} mb{mb}", mb):
+        with self._span("B", "B s{} mb{}", stage, mb, mb=mb):
             self._backward(stage, mb)
 
     def _backward(self, stage: int, mb: int) -> None:
@@ -348,7 +354,7 @@ class RankContext:
             # A whole parameter has the same gradient on every member of the TP group: each adds 1/tp.
             grads = [g if name in self.split_params else g / self.tp for name, g in zip(group.params, grads)]
         flat = _flatten_dense_tensors(grads)
-        with self._span("allreduce", f"all-reduce grads {len(group.ranks)} ranks"):
+        with self._span("allreduce", "all-reduce grads {} ranks", len(group.ranks)):
             dist.all_reduce(flat, group=self.groups[group.ranks])
         for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
             p.grad = g
