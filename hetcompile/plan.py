@@ -118,7 +118,8 @@ class Plan:
     # The model's blocks (hetcompile.ir.ModelCosts as plain data), so that inspect and explain
     # can re-predict alternatives from the output directory alone, without re-capturing.
     costs: dict = field(default_factory=dict)
-    sources: dict = field(default_factory=dict, compare=False, repr=False)  # file name -> text
+    # The output directory's other files, name -> text or bytes: the programs, and the timeline once drawn.
+    sources: dict = field(default_factory=dict, compare=False, repr=False)
     timings: dict = field(default_factory=dict, compare=False, repr=False)  # compile phase -> seconds
 
     @property
@@ -166,12 +167,11 @@ class Plan:
         """Write plan.json and the programs into ``out_dir`` atomically (a temporary directory renamed at the end)."""
         from hetcompile.output import write_atomically
 
-        from hetcompile.timeline import chrome_trace, plan_timeline, timeline_png
+        from hetcompile.timeline import timeline_files
 
-        timeline = plan_timeline(self)
-        files = {"plan.json": self.to_json_text(), **self.sources,
-                 "timeline.json": json.dumps(chrome_trace(self, timeline)) + "\n",
-                 "timeline.png": timeline_png(self, timeline)}
+        # The compiler draws the timeline while HetHub's bound is searched (its "draw" phase).
+        drawn = {} if "timeline.png" in self.sources else timeline_files(self)
+        files = {"plan.json": self.to_json_text(), **self.sources, **drawn}
         if self.timings:
             # Apart from plan.json: wall times vary run to run, plan.json must not.
             files[TIMINGS_FILE] = dumps(self.timings)

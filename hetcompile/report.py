@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-# The phases of a compile, in order ("[k/5]" progress lines, the summary's "compile:" line).
-# "bound" is the wait for HetHub's upper bound, searched beside the solve and the emit.
-PHASES = ("capture", "passes", "solve", "emit", "bound")
+# The phases of a compile, in order ("[k/6]" progress lines, the summary's "compile:" line).
+# "draw" (the timeline) and "bound" (the wait for HetHub's upper bound) run while the bound's
+# searches, started before the solve, finish beside them.
+PHASES = ("capture", "passes", "solve", "emit", "draw", "bound")
 
 
 def _count(n: int, one: str, many: str | None = None) -> str:

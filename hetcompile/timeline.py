@@ -175,6 +175,15 @@ def _rank_label(rank) -> str:
             f"{rank.device_type} (device {rank.device_index})")
 
 
+def timeline_files(plan) -> dict[str, str | bytes]:
+    """The output directory's pictures of the predicted step: timeline.json (Perfetto) and timeline.png."""
+    import json
+
+    timeline = plan_timeline(plan)
+    return {"timeline.json": json.dumps(chrome_trace(plan, timeline)) + "\n",
+            "timeline.png": timeline_png(plan, timeline)}
+
+
 def chrome_trace(plan, timeline: Timeline | None = None) -> dict:
     """Chrome trace-event JSON (Perfetto, chrome://tracing): one process per rank, times in microseconds.
 

@@ -239,7 +239,7 @@ def test_not_json_is_a_clear_error(tmp_path):
 def test_progress_reports_phases_in_order(plans):
     events = plans[4]
     lasting = [text.split()[1] for text, transient in events if not transient]
-    assert lasting == ["capture", "passes", "solve", "emit", "bound"]
+    assert lasting == ["capture", "passes", "solve", "emit", "draw", "bound"]
     assert all(text.endswith(" s") for text, transient in events if not transient)
     assert any(transient for _, transient in events)
     # While CP-SAT searches: its incumbent and best bound (when the planner reports them).
