@@ -14,9 +14,10 @@ Metis do, time the layers themselves:
 3. time its forward (autograd recording, as a rank runs it) and its forward +
    backward (gradients of the block's outputs fed in, as a rank receives them)
    at a few ``n``, in interleaved rounds, by this process's CPU time on a
-   one-thread CPU (NOTE: [CPU time of a block]); take out the harness's own
-   time (one graph call and one backward call, which a stage pays once, not
-   once per block); fit ``t = fixed + per_sample * n`` to each
+   one-thread CPU (NOTE: [CPU time of a block]), and the whole graph beside
+   them; take out what timing a block as its own graph adds (the parts' sum
+   less the whole, per extra part: NOTE: [one call per stage]), which a stage
+   pays once, not once per block; fit ``t = fixed + per_sample * n`` to each
    (:class:`cost_models.profile.BlockTime`).
 
 The predictor uses a device's measured block times where its profile has the
@@ -207,12 +208,31 @@ class _BlockRunner:
             torch.autograd.backward(diff, self.grads)
 
 
-def _call_runner() -> _BlockRunner:
-    """The cost of the harness alone: one graph call and one autograd.backward around a single op."""
-    g = torch.fx.Graph()
-    x = g.placeholder("x")
-    g.output((g.call_function(torch.ops.aten.mul.Tensor, (x, 2.0)),))
-    return _BlockRunner(torch.fx.GraphModule(torch.nn.Module(), g), [torch.randn(1, 8)], [True])
+WHOLE = -1  # the key of the whole captured graph's runner, beside the blocks
+
+
+def _call_overhead_s(times: dict[tuple[int, int], float], signatures: list[str], first_of: dict[str, int],
+                     sizes) -> float:
+    """What timing a block as its own graph adds to its work: the sum of the parts less the whole.
+
+    # NOTE: [one call per stage] Each block is timed as its own graph (and its own backward
+    # call), cold, between other blocks' timings; a stage runs all its blocks in one graph
+    # and one backward call. Each part's time is its work plus one call's overhead h, and
+    # the whole graph's is the work of all plus one h, so h = (sum of parts - whole) / (N - 1)
+    # for N blocks, per size, taken as the median over sizes. It comes out of every block, and
+    # the predictor charges it once per stage and micro-batch (roofline.stage_call_overhead_s),
+    # so the blocks of any stage add up as the whole model does. (A graph of one op, timed
+    # alone, took the op's own cost out too: tiny blocks measured 0, and the MLP's stage 3-4x
+    # less than it runs.) Clipped to [0, the smallest part], so no block's time goes negative.
+    """
+    if len(signatures) < 2:
+        return 0.0
+    per_size = []
+    for n in sizes:
+        parts = sum(times[first_of[sig], n] for sig in signatures)
+        per_size.append((parts - times[WHOLE, n]) / (len(signatures) - 1))
+    smallest = min(t for (b, _), t in times.items() if b != WHOLE)
+    return min(max(statistics.median(per_size), 0.0), smallest)
 
 
 def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=BLOCK_SIZES,
@@ -251,15 +271,17 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=BL
     torch.set_num_threads(num_threads)
     try:
         runners: dict[tuple[int, int], _BlockRunner] = {}
+        placeholders = [a for a in cap.gm.graph.nodes if a.op == "placeholder"]
         for n in sizes:
             values = _real_values(cap, mf, n, dev)
-            for b, (gm_block, inputs, _outputs) in split.items():
+            for b, (gm_block, inputs, _outputs) in [*split.items(), (WHOLE, (cap.gm, placeholders, None))]:
                 in_values = [values[a] for a in inputs]
-                needs_grad = [bool(a.meta.get("requires_grad")) and isinstance(v, torch.Tensor)
-                              and v.dtype.is_floating_point for a, v in zip(inputs, in_values)]
+                needs_grad = [(bool(a.meta.get("requires_grad")) or cap.placeholders[a.name].kind == "param"
+                               if b == WHOLE else bool(a.meta.get("requires_grad")))
+                              and isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+                              for a, v in zip(inputs, in_values)]
                 runners[b, n] = _BlockRunner(gm_block, in_values, needs_grad)
             del values
-        runners[-1, 0] = _call_runner()
         # NOTE: [interleaved rounds] Every (block, size) is timed once per round, round after
         # round, so that a burst of load from other processes lands on all sizes alike instead
         # of tilting the fitted per-sample slope; each time is the median over the rounds.
@@ -274,18 +296,15 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=BL
                 fwd_runs[k].append(_time_once_s(r.forward, sync, clock))
                 both_runs[k].append(_time_once_s(r.forward_backward, sync, clock))
             rounds += 1
-        # NOTE: [one call per stage] Each block is timed as its own graph with its own
-        # backward call; a stage is one graph and one backward call over all its blocks. So
-        # the harness's own time (a graph of one op) comes out of every block, and the
-        # predictor charges it once per stage and micro-batch (roofline.stage_call_overhead_s).
-        call_fwd_s = statistics.median(fwd_runs[-1, 0])
-        call_bwd_s = max(statistics.median(both_runs[-1, 0]) - call_fwd_s, 0.0)
-        del runners[-1, 0]
-        for (b, n) in runners:
-            fwd_s = statistics.median(fwd_runs[b, n])
-            both_s = statistics.median(both_runs[b, n])
-            samples[b].append((n, max(fwd_s - call_fwd_s, 0.0), max(both_s - fwd_s - call_bwd_s, 0.0)))
+        fwd = {k: statistics.median(v) for k, v in fwd_runs.items()}
+        bwd = {k: max(statistics.median(both_runs[k]) - fwd[k], 0.0) for k in runners}
+        logger.info("whole graph: fwd %s, bwd %s", [fwd[WHOLE, n] for n in sizes], [bwd[WHOLE, n] for n in sizes])
         del runners
+        call_fwd_s, call_bwd_s = _call_overhead_s(fwd, signatures, first_of, sizes), \
+            _call_overhead_s(bwd, signatures, first_of, sizes)
+        for b in split:
+            for n in sizes:
+                samples[b].append((n, max(fwd[b, n] - call_fwd_s, 0.0), max(bwd[b, n] - call_bwd_s, 0.0)))
     finally:
         torch.set_num_threads(old_threads)
     out = []
