@@ -145,6 +145,15 @@ def test_rank_error_is_reported_with_its_traceback(mlp_plan):
     assert "Traceback" not in message.splitlines()[0]
 
 
+def test_rank_killed_after_its_work_loses_nothing(mlp_plan):
+    """A rank that dies after every rank has finished (gloo can abort while closing connections):
+    the run keeps its losses and says what happened, instead of failing (NOTE: [teardown race])."""
+    out = io.StringIO()
+    losses = run(mlp_plan, steps=2, timeout_s=10, env={"HETCOMPILE_FAIL_AT": "1:end:kill"}, stream=out)
+    assert len(losses) == 2
+    assert "every rank finished" in out.getvalue()
+
+
 def test_hung_rank_is_named_after_the_timeout(mlp_plan):
     """Rank 0 hangs at step 1: rank 2 times out waiting for it and rank 1 waiting for rank 2; the run
     stops soon after --timeout and names rank 0, not the ranks that gave up waiting."""

@@ -418,6 +418,8 @@ class RankContext:
                 Path(args.save_params).mkdir(parents=True, exist_ok=True)
                 torch.save({k: v.detach().cpu() for k, v in self.params.items()},
                            Path(args.save_params) / f"rank_{self.rank}.pt")
+            _mark_finished(self.rank)
+            _maybe_fail(self.rank, "end")
             dist.barrier()
         finally:
             dist.destroy_process_group()
@@ -464,14 +466,15 @@ class _PostedRecv:
         return self.buf
 
 
-def _maybe_fail(rank: int, step: int) -> None:
+def _maybe_fail(rank: int, step: int | str) -> None:
     """HETCOMPILE_FAIL_AT="RANK:STEP[:kill|:hang]" makes that rank fail at the start of that step (for
-    tests): raise an error, die by SIGKILL as an OOM-killed process would, or hang forever."""
+    tests): raise an error, die by SIGKILL as an OOM-killed process would, or hang forever. STEP
+    "end": once the rank has finished its work, before the last barrier (NOTE: [teardown race])."""
     spec = os.environ.get("HETCOMPILE_FAIL_AT")
     if not spec:
         return
     fail_rank, fail_step, *how = spec.split(":")
-    if int(fail_rank) == rank and int(fail_step) == step:
+    if int(fail_rank) == rank and fail_step == str(step):
         if how == ["kill"]:
             import signal
 
@@ -491,6 +494,13 @@ def _write_failure(ctx: "RankContext", kind: str, message: str) -> None:
     tmp = Path(folder) / f".failure_rank_{ctx.rank}.tmp"
     tmp.write_text(json.dumps(record))
     tmp.rename(Path(folder) / f"failure_rank_{ctx.rank}.json")  # whole records only
+
+
+def _mark_finished(rank: int) -> None:
+    """Tell `hetcompile run` that this rank has done all its work (NOTE: [teardown race] in launch.py)."""
+    folder = os.environ.get("HETCOMPILE_FAILURE_DIR")
+    if folder:
+        (Path(folder) / f"finished_rank_{rank}").touch()
 
 
 _STACK_FILE = None  # kept open for faulthandler, which writes to it from a signal handler
