@@ -445,6 +445,8 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
     import torch
     import torch.distributed as dist
 
+    from hetcompile.runtime.collectives import all_reduce
+
     torch.set_num_threads(1)
     backend = "nccl" if device == "cuda" else "gloo"
     dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
@@ -480,7 +482,7 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
                 compute_gap()
                 start = time.perf_counter()
                 if kind == "allreduce":
-                    dist.all_reduce(x)
+                    all_reduce(x)  # as the ranks do (NOTE: [polling collectives])
                 elif rank == 0:  # ping-pong between ranks 0 and 1: a round trip is two messages
                     dist.send(x, 1)
                     dist.recv(x, 1)

@@ -18,6 +18,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from hetcompile.plan import load
 from hetcompile.runtime import checkpoint, tp
+from hetcompile.runtime.collectives import all_reduce
 
 # Seconds a rank waits on a peer before giving up (a dead rank must not hang the job). A dead
 # peer's closed sockets fail a wait at once; this bounds the wait on a peer that hangs. Launches
@@ -355,7 +356,7 @@ class RankContext:
             grads = [g if name in self.split_params else g / self.tp for name, g in zip(group.params, grads)]
         flat = _flatten_dense_tensors(grads)
         with self._span("allreduce", "all-reduce grads {} ranks", len(group.ranks)):
-            dist.all_reduce(flat, group=self.groups[group.ranks])
+            all_reduce(flat, group=self.groups[group.ranks])
         for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
             p.grad = g
 
@@ -371,7 +372,7 @@ class RankContext:
     def end_step(self) -> float:
         total = self.loss_sum.clone()
         with self._span("allreduce", "all-reduce loss"):
-            dist.all_reduce(total)
+            all_reduce(total)
         self.saved = {}
         return float(total)
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from hetcompile.runtime import collectives
+
 GROUP = None  # this rank's tensor-parallel group (None outside a tensor-parallel stage)
 
 
@@ -33,7 +35,7 @@ class _Enter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=GROUP)
+        collectives.all_reduce(grad, group=GROUP)
         return grad
 
 
@@ -41,7 +43,7 @@ class _AllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         x = x.contiguous().clone()
-        dist.all_reduce(x, group=GROUP)
+        collectives.all_reduce(x, group=GROUP)
         return x
 
     @staticmethod
