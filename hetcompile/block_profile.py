@@ -211,20 +211,19 @@ class _BlockRunner:
 WHOLE = -1  # the key of the whole captured graph's runner, beside the blocks
 
 
+# NOTE: [one call per stage] Each block is timed as its own graph (and its own backward call),
+# cold, between other blocks' timings; a stage runs all its blocks in one graph and one backward
+# call. Each part's time is its work plus one call's overhead h, and the whole graph's is the
+# work of all plus one h, so h = (sum of parts - whole) / (N - 1) for N blocks, per size, taken
+# as the median over sizes. It comes out of every block, and the predictor charges it once per
+# stage and micro-batch (roofline.stage_call_overhead_s), so the blocks of any stage add up as
+# the whole model does. (A graph of one op, timed alone, took the op's own cost out too: tiny
+# blocks measured 0, and the MLP's stage came out 3-4x shorter than it runs.) Clipped to
+# [0, the smallest part], so no block's time goes negative.
 def _call_overhead_s(times: dict[tuple[int, int], float], signatures: list[str], first_of: dict[str, int],
                      sizes) -> float:
-    """What timing a block as its own graph adds to its work: the sum of the parts less the whole.
-
-    # NOTE: [one call per stage] Each block is timed as its own graph (and its own backward
-    # call), cold, between other blocks' timings; a stage runs all its blocks in one graph
-    # and one backward call. Each part's time is its work plus one call's overhead h, and
-    # the whole graph's is the work of all plus one h, so h = (sum of parts - whole) / (N - 1)
-    # for N blocks, per size, taken as the median over sizes. It comes out of every block, and
-    # the predictor charges it once per stage and micro-batch (roofline.stage_call_overhead_s),
-    # so the blocks of any stage add up as the whole model does. (A graph of one op, timed
-    # alone, took the op's own cost out too: tiny blocks measured 0, and the MLP's stage 3-4x
-    # less than it runs.) Clipped to [0, the smallest part], so no block's time goes negative.
-    """
+    """What timing a block as its own graph adds to its work: the sum of the parts less the whole
+    (NOTE: [one call per stage])."""
     if len(signatures) < 2:
         return 0.0
     per_size = []
@@ -276,10 +275,8 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=BL
             values = _real_values(cap, mf, n, dev)
             for b, (gm_block, inputs, _outputs) in [*split.items(), (WHOLE, (cap.gm, placeholders, None))]:
                 in_values = [values[a] for a in inputs]
-                needs_grad = [(bool(a.meta.get("requires_grad")) or cap.placeholders[a.name].kind == "param"
-                               if b == WHOLE else bool(a.meta.get("requires_grad")))
-                              and isinstance(v, torch.Tensor) and v.dtype.is_floating_point
-                              for a, v in zip(inputs, in_values)]
+                needs_grad = [bool(a.meta.get("requires_grad")) and isinstance(v, torch.Tensor)
+                              and v.dtype.is_floating_point for a, v in zip(inputs, in_values)]
                 runners[b, n] = _BlockRunner(gm_block, in_values, needs_grad)
             del values
         # NOTE: [interleaved rounds] Every (block, size) is timed once per round, round after
