@@ -121,8 +121,9 @@ def main() -> int:
         lines = [SECTION, "", f"Produced by {command} on the 2-core development machine (1-minute load average "
                  f"{load_at_start:.2f} at the start; others' jobs would inflate the times). Wall time is the whole "
                  "`hetcompile` process, imports included. HetHub's bound is searched in forked processes, one "
-                 "per device type, beside the plan's search (`bound`: the wait for them after the emit); their "
-                 "pages are shared with the compiler's until written, so their peak RSS mostly overlaps its own.",
+                 "per device type, beside the plan's search (`bound`: the wait for them after the emit and the "
+                 "draw of the timeline); their pages are shared with the compiler's until written, so their peak "
+                 "RSS mostly overlaps its own.",
                  "", HEADER, RULE] + [fmt(r) for r in results] + [""]
         _write_any_section("\n".join(lines), SECTION)
     return 0
