@@ -138,6 +138,9 @@ class DeviceProfile:
     # autograd.backward call apart from their ops; a rank pays them per micro-batch.
     stage_call_fwd_s: float = 0.0
     stage_call_bwd_s: float = 0.0
+    # CPU: the cores the measuring process could run on (0: not recorded). One device is one rank
+    # of num_threads threads; a node of more devices than cores / num_threads shares its cores.
+    num_cores: int = 0
 
     def block_time(self, signature: str) -> BlockTime | None:
         """The measured block of this signature, or None."""
@@ -195,6 +198,7 @@ class DeviceProfile:
             "matmul_samples": [{"dtype": d, "m": m, "n": n, "k": k, "time_s": t}
                                for d, m, n, k, t in self.matmul_samples],
             "stage_call_fwd_s": self.stage_call_fwd_s, "stage_call_bwd_s": self.stage_call_bwd_s,
+            "num_cores": self.num_cores,
             "blocks": [{"signature": b.signature, "name": b.name, "fwd_fixed_s": b.fwd_fixed_s,
                         "fwd_per_sample_s": b.fwd_per_sample_s, "bwd_fixed_s": b.bwd_fixed_s,
                         "bwd_per_sample_s": b.bwd_per_sample_s,
@@ -241,6 +245,7 @@ class DeviceProfile:
                                      for s in d.get("matmul_samples", ())),
                 stage_call_fwd_s=_non_negative(d.get("stage_call_fwd_s", 0.0)),
                 stage_call_bwd_s=_non_negative(d.get("stage_call_bwd_s", 0.0)),
+                num_cores=int(d.get("num_cores", 0)),
                 block_times=tuple(
                     BlockTime(signature=str(b["signature"]), name=str(b.get("name", "")),
                               fwd_fixed_s=_non_negative(b["fwd_fixed_s"]),
@@ -585,7 +590,8 @@ def measure_profile(device: str = "cpu", *, num_ranks: int = 1, num_threads: int
         optimizer_per_tensor_s=optimizer, comm=comm, torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         matmul_samples=samples, block_times=tuple(block_times.values()),
-        stage_call_fwd_s=min((c[0] for c in calls), default=0.0), stage_call_bwd_s=min((c[1] for c in calls), default=0.0))
+        stage_call_fwd_s=min((c[0] for c in calls), default=0.0), stage_call_bwd_s=min((c[1] for c in calls), default=0.0),
+        num_cores=len(os.sched_getaffinity(0)) if device == "cpu" and hasattr(os, "sched_getaffinity") else 0)
     logger.info("profile: %s", summary(profile))
     return profile
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections import Counter
 
 # The phases of a compile, in order ("[k/6]" progress lines, the summary's "compile:" line).
@@ -138,6 +139,24 @@ def summary(plan) -> str:
             lines.append(f"  stage {st.index} tensor parallel: {len(st.left_whole)} matmul"
                          f"{'s' if len(st.left_whole) > 1 else ''} left whole, e.g. {st.left_whole[0]} "
                          f"(all in stage_{st.index}_tp0.py)")
+    lines += _shared_cores(plan.cluster)
     s = plan.solver
     lines.append(f"  solver: {s['status']}, gap {s['gap'] * 100:.2f}%, {s['num_variables']} variables")
     return "\n".join(lines)
+
+
+def _shared_cores(cluster: dict) -> list[str]:
+    """A note per CPU node that declares more devices (one rank of ``num_threads`` threads each) than
+    its type's profile had cores: those ranks share cores, which the predictor does not model."""
+    lines = []
+    for i, node in enumerate(cluster["nodes"]):
+        profile = cluster["devices"].get(node["device"], {}).get("profile") or {}
+        cores, threads = profile.get("num_cores", 0), profile.get("num_threads", 1)
+        if profile.get("device") == "cpu" and cores and node["count"] * threads > cores:
+            fit = max(cores // threads, 1)
+            note = (f"note: node {i} declares {node['count']} {node['device']} devices of {threads} "
+                    f"thread{'s' if threads > 1 else ''} each, but its profile was measured with {cores} cores; "
+                    f"its ranks will share cores, and the prediction assumes they do not. Declare at most {fit} "
+                    "per node.")
+            lines += textwrap.wrap(note, 110, initial_indent="  ", subsequent_indent="        ")
+    return lines

@@ -132,6 +132,17 @@ def _work(decision: PlanDecision, cluster, costs: ModelCosts) -> dict[str, float
     return work
 
 
+def test_summary_notes_a_cpu_node_with_more_devices_than_cores(tmp_path):
+    from hetcompile.report import _shared_cores
+
+    save_profile(dataclasses.replace(_profile(), num_cores=2), tmp_path / "p.json")
+    assert load_profile(tmp_path / "p.json").num_cores == 2
+    spec = {"nodes": [{"device": "CPU", "count": 3}, {"device": "CPU", "count": 2}],
+            "devices": {"CPU": {"profile": str(tmp_path / "p.json")}}}
+    notes = " ".join(_shared_cores(load_cluster(spec).to_json()))
+    assert "node 0 declares 3 CPU devices" in notes and "at most 2 per node" in notes and "node 1" not in notes
+
+
 @pytest.mark.parametrize("max_stages", [1, 2])
 def test_device_profiled_2x_faster_gets_more_work(tmp_path, max_stages):
     costs = _costs(num_blocks=8, batch=16)
