@@ -295,7 +295,7 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=BL
             rounds += 1
         fwd = {k: statistics.median(v) for k, v in fwd_runs.items()}
         bwd = {k: max(statistics.median(both_runs[k]) - fwd[k], 0.0) for k in runners}
-        logger.info("whole graph: fwd %s, bwd %s", [fwd[WHOLE, n] for n in sizes], [bwd[WHOLE, n] for n in sizes])
+        logger.debug("whole graph: fwd %s, bwd %s", [fwd[WHOLE, n] for n in sizes], [bwd[WHOLE, n] for n in sizes])
         del runners
         call_fwd_s, call_bwd_s = _call_overhead_s(fwd, signatures, first_of, sizes), \
             _call_overhead_s(bwd, signatures, first_of, sizes)

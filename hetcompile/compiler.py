@@ -100,6 +100,7 @@ def _solver_progress(progress, start_s: float):
     return on_progress
 
 
+@_few_full_collections()
 def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: str = "auto",
             microbatches: int | None = None, seed: int = 0, max_stages: int | None = None,
             time_limit_s: float = 300.0, progress=None, decision=None, tp: int | None = None,
@@ -123,14 +124,6 @@ def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: st
     if schedule not in SCHEDULES and schedule != "auto":
         raise UserError(f"Unknown schedule {schedule!r}. Choose one of: {', '.join(sorted(SCHEDULES))}, "
                         "or 'auto' to let the planner choose.")
-    with _few_full_collections():
-        return _compile(model, cluster, example_inputs, optimizer=optimizer, schedule=schedule,
-                        microbatches=microbatches, seed=seed, max_stages=max_stages, time_limit_s=time_limit_s,
-                        progress=progress, decision=decision, tp=tp, pp=pp, dp=dp)
-
-
-def _compile(model, cluster, example_inputs, *, optimizer, schedule, microbatches, seed, max_stages, time_limit_s,
-             progress, decision, tp, pp, dp):
     timings: dict[str, float] = {}
     mf = _as_model_file(model, example_inputs, optimizer)
     clu = cluster if hasattr(cluster, "devices") else load_cluster(cluster)

@@ -112,11 +112,10 @@ def run(plan_dir: str | Path, *, steps: int, save_params: str | Path | None = No
             raise
         finally:
             restore()
-        finished = sum(1 for _ in failures.glob("finished_rank_*"))
-        if proc.returncode != 0 and finished == plan.world_size:
-            # NOTE: [teardown race] Every rank trained all its steps and wrote what it had to
-            # before the last barrier; a rank killed after that (seen once on gloo: SIGABRT while
-            # closing its connections as its peers closed theirs) lost nothing.
+        # NOTE: [teardown race] A rank killed after every rank trained all its steps and wrote what
+        # it had to, before the last barrier (seen once on gloo: SIGABRT while closing its connections
+        # as its peers closed theirs), lost nothing.
+        if proc.returncode != 0 and len(list(failures.glob("finished_rank_*"))) == plan.world_size:
             stream.write(f"hetcompile: every rank finished; a rank then failed while closing its connections "
                          f"(exit code {proc.returncode}), which loses nothing.\n")
         elif proc.returncode != 0:

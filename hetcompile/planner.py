@@ -1738,21 +1738,29 @@ def solve(
     decision = _to_decision(problem, choice)
     if schedule in ("auto", "interleaved"):
         required = schedule == "interleaved"
-        # Asked for interleaving, the closest plans that can be interleaved, however far.
-        close = _close_plans(choice, plain + with_tp, found, math.inf if required else INTERLEAVE_SLACK)
-        runners_up = []
-        for other, cand in close:
-            # Interleaving cuts at most the fill and drain, (p - 1) of the M + p - 1 slots of a step.
-            m, p = other.num_microbatches, len(cand.stages)
-            if not required and cand.objective_units * m >= choice.objective_units * (m + p - 1):
-                continue
-            d = _to_decision(other, cand)
-            if d != decision and d not in runners_up and interleaved(d, 2) is not None:
-                runners_up.append(d)
-                if len(runners_up) == INTERLEAVE_RUNNERS_UP:
-                    break
+        runners_up = _interleave_runners_up(decision, choice, plain + with_tp, found, required)
         decision = best_interleaving(decision, costs, cluster, required=required, runners_up=runners_up)
     return decision, report
+
+
+def _interleave_runners_up(decision: PlanDecision, choice: _Choice, screened, found,
+                           required: bool) -> list[PlanDecision]:
+    """The search's close plans worth interleaving beside ``decision`` (at most INTERLEAVE_RUNNERS_UP,
+    best first): within INTERLEAVE_SLACK of its objective and near enough that interleaving could
+    make up the difference; asked for interleaving (``required``), the closest that can be
+    interleaved, however far."""
+    runners_up: list[PlanDecision] = []
+    for other, cand in _close_plans(choice, screened, found, math.inf if required else INTERLEAVE_SLACK):
+        # Interleaving cuts at most the fill and drain, (p - 1) of the M + p - 1 slots of a step.
+        m, p = other.num_microbatches, len(cand.stages)
+        if not required and cand.objective_units * m >= choice.objective_units * (m + p - 1):
+            continue
+        d = _to_decision(other, cand)
+        if d != decision and d not in runners_up and interleaved(d, 2) is not None:
+            runners_up.append(d)
+            if len(runners_up) == INTERLEAVE_RUNNERS_UP:
+                break
+    return runners_up
 
 
 def _solve_best(screened, ladder, complete, start, time_limit_s, seed, num_workers, on_progress, *,

@@ -23,6 +23,7 @@ go on as many comm lanes as needed for no two spans of a lane to overlap.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,8 +178,6 @@ def _rank_label(rank) -> str:
 
 def timeline_files(plan) -> dict[str, str | bytes]:
     """The output directory's pictures of the predicted step: timeline.json (Perfetto) and timeline.png."""
-    import json
-
     timeline = plan_timeline(plan)
     return {"timeline.json": json.dumps(chrome_trace(plan, timeline)) + "\n",
             "timeline.png": timeline_png(plan, timeline)}
