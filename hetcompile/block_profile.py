@@ -216,9 +216,9 @@ WHOLE = -1  # the key of the whole captured graph's runner, beside the blocks
 # call. Each part's time is its work plus one call's overhead h, and the whole graph's is the
 # work of all plus one h, so h = (sum of parts - whole) / (N - 1) for N blocks, per size, taken
 # as the median over sizes. It comes out of every block, and the predictor charges it once per
-# stage and micro-batch (roofline.stage_call_overhead_s), so the blocks of any stage add up as
-# the whole model does. (A graph of one op, timed alone, took the op's own cost out too: tiny
-# blocks measured 0, and the MLP's stage came out 3-4x shorter than it runs.) Clipped to
+# stage and micro-batch (roofline.stage_call_overhead_s), so that the blocks of a stage add up to
+# about what the stage takes. (A graph of one op, timed alone, took the op's own cost out too: tiny
+# blocks measured 0, and the MLP's stage came out 2-4x shorter than it runs.) Clipped to
 # [0, the smallest part], so no block's time goes negative.
 def _call_overhead_s(times: dict[tuple[int, int], float], signatures: list[str], first_of: dict[str, int],
                      sizes) -> float:
