@@ -143,6 +143,20 @@ def test_summary_notes_a_cpu_node_with_more_devices_than_cores(tmp_path):
     assert "node 0 declares 3 CPU devices" in notes and "at most 2 per node" in notes and "node 1" not in notes
 
 
+@pytest.mark.parametrize("local_ranks, cores, polls", [("2", {0, 1}, True), ("3", {0, 1}, False)])
+def test_cpu_ranks_poll_their_all_reduces_only_with_a_core_each(monkeypatch, local_ranks, cores, polls):
+    from hetcompile.runtime import collectives
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    monkeypatch.setattr(collectives.os, "sched_getaffinity", lambda pid: cores, raising=False)
+    monkeypatch.setattr(collectives.torch, "get_num_threads", lambda: 1)
+    collectives._core_each.cache_clear()
+    try:
+        assert collectives._core_each() is polls
+    finally:
+        collectives._core_each.cache_clear()
+
+
 @pytest.mark.parametrize("max_stages", [1, 2])
 def test_device_profiled_2x_faster_gets_more_work(tmp_path, max_stages):
     costs = _costs(num_blocks=8, batch=16)
