@@ -12,6 +12,7 @@ CONFIG = GPT2Config(
     n_layer=4, n_embd=128, n_head=4, vocab_size=512, n_positions=SEQ,
     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # dropout off: runs must be comparable
     tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    use_cache=False,  # training: no key/value cache
 )
 
 

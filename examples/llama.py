@@ -12,6 +12,7 @@ CONFIG = LlamaConfig(
     num_hidden_layers=4, hidden_size=64, intermediate_size=176, num_attention_heads=4,
     num_key_value_heads=2, vocab_size=512, max_position_embeddings=SEQ,
     bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    use_cache=False,  # training: no key/value cache
 )
 
 

@@ -29,6 +29,7 @@ from hetcompile.report import PHASES
 from hetcompile.schedule import SCHEDULES
 from hetcompile.timeline import timeline_files
 from passes.annotate_costs import annotate_costs
+from passes.causal_attention import causal_attention
 from passes.group_blocks import group_blocks
 from passes.inline_grad_regions import inline_grad_regions
 from passes.mark_replicable import mark_replicable
@@ -181,8 +182,9 @@ def analyze(model, *, seed: int = 0, timings: dict | None = None, progress=None)
         cap = capture(mf, seed=seed)
     with _phase("passes", timings, progress):
         inline_grad_regions(cap.gm)
-        annotate_costs(cap)
         mark_replicable(cap)
+        causal_attention(cap)
+        annotate_costs(cap)
         costs = annotate_tp(cap, group_blocks(cap))
         # The key of the block's measured times in a device profile (hetcompile/block_profile.py).
         costs = dataclasses.replace(costs, blocks=tuple(

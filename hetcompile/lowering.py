@@ -98,7 +98,9 @@ def replicate_shared(cap: Captured, stage_of: dict[torch.fx.Node, int]) -> None:
 
     Values marked ``replicable`` (:mod:`passes.mark_replicable`: built from sizes,
     buffers and constants only) that a later stage reads are copied, with their
-    ancestors, into that stage, just before its first reader.
+    ancestors, into that stage, just before the first node of the stage that reads one:
+    one place per stage, so a copy shared by two values (an ancestor of both) is
+    defined before either's readers, whichever comes first.
     """
     graph = cap.gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -115,17 +117,22 @@ def replicate_shared(cap: Captured, stage_of: dict[torch.fx.Node, int]) -> None:
             made[n, s] = new
         return made[n, s]
 
-    for n in list(graph.nodes):
+    reads = []  # (value, reading stage, its readers there)
+    for n in graph.nodes:
         if n.op != "call_function" or not n.meta.get("replicable"):
             continue
         readers: dict[int, list[torch.fx.Node]] = {}
         for user in n.users:
             if user.op == "call_function" and stage_of[user] != stage_of[n]:
                 readers.setdefault(stage_of[user], []).append(user)
-        for s, users in readers.items():
-            copy = copy_into(n, s, min(users, key=order.__getitem__))
-            for user in users:
-                user.replace_input_with(n, copy)
+        reads.extend((n, s, users) for s, users in readers.items())
+    first_reader: dict[int, torch.fx.Node] = {}
+    for _, s, users in reads:
+        first_reader[s] = min([*users, first_reader.get(s, users[0])], key=order.__getitem__)
+    for n, s, users in reads:
+        copy = copy_into(n, s, first_reader[s])
+        for user in users:
+            user.replace_input_with(n, copy)
     graph.eliminate_dead_code()
 
 

@@ -39,3 +39,21 @@ def test_layers_that_differ_are_not_stamped():
     assert repeated_layers(mixed) is None
     shapes = torch.nn.Sequential(torch.nn.ModuleList(Layer(w, "gelu") for w in (8, 8, 8, 16)))
     assert repeated_layers(shapes) is None
+
+
+def test_every_cut_of_a_llama_sends_only_the_hidden_state(examples):
+    """The later stage recomputes the masks and rotary tables it reads (lowering.replicate_shared),
+    wherever the cut: copies that two of them share are defined before either's first reader."""
+    import hetcompile
+    from hetcompile.planner import PlanDecision, StageDecision
+
+    mf = load_model_file(examples / "llama.py")
+    _, costs = analyze(mf)
+    b = costs.global_batch
+    for cut in range(1, costs.num_blocks):
+        decision = PlanDecision(stages=(StageDecision(0, cut - 1, (0,), (b,)),
+                                        StageDecision(cut, costs.num_blocks - 1, (1,), (b,))),
+                                num_microbatches=1, microbatch_size=b)
+        plan = hetcompile.compile(mf, {"nodes": [{"device": "CPU", "count": 2}]}, schedule="gpipe",
+                                  decision=decision)
+        assert len(plan.values) == 1, (cut, [v.name for v in plan.values])
