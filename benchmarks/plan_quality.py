@@ -199,12 +199,19 @@ def main() -> int:
                  "8 devices per node, 12.5 GB/s between nodes, bf16 compute with fp32 master weights; TP fields "
                  "from the model shape where capture has none, see NOTE: [Stand-in TP fields] in the script).", "",
                  HEADER, HEADER_RULE]
-        lines += [fmt(r) for r in rows] + ["", summary, ""]
+        lines += [fmt(r) for r in rows] + ["", summary, "", _ABOVE_ONE, ""]
         write_section("\n".join(lines))
     return 0
 
 
 HEADER_RULE = "|" + "---|" * (HEADER.count("|") - 1)
+_ABOVE_ONE = ("An efficiency above 1 is not an error: HetHub's upper bound adds up what each device type "
+              "reaches alone, and a type alone may hold the model only with deeper pipelines, tensor "
+              "parallelism or recompute (a 13B model's weights, gradients and Adam state are about 200 GB), "
+              "while the mixed cluster has the memory of all of them for one plan; and each type's search "
+              "stops at the same deterministic budget as the plan's, so it may stop short of that type's "
+              "best plan (the bound is then too low). Where no type alone holds the model the bound is 0 "
+              "and the row has no efficiency.")
 
 if __name__ == "__main__":
     sys.exit(main())
