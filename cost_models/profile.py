@@ -558,6 +558,8 @@ def measure_profile(device: str = "cpu", *, num_ranks: int = 1, num_threads: int
     """
     import torch
 
+    from hetcompile.runtime.collectives import usable_cores
+
     if num_threads < 1:
         raise UserError(f"--threads {num_threads}: use at least 1 thread.")
     _, _, name = _device(device)
@@ -591,7 +593,7 @@ def measure_profile(device: str = "cpu", *, num_ranks: int = 1, num_threads: int
         created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         matmul_samples=samples, block_times=tuple(block_times.values()),
         stage_call_fwd_s=min((c[0] for c in calls), default=0.0), stage_call_bwd_s=min((c[1] for c in calls), default=0.0),
-        num_cores=len(os.sched_getaffinity(0)) if device == "cpu" and hasattr(os, "sched_getaffinity") else 0)
+        num_cores=usable_cores() if device == "cpu" else 0)
     logger.info("profile: %s", summary(profile))
     return profile
 

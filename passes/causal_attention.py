@@ -25,8 +25,7 @@ from hetcompile.capture import Captured
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
-# SDPA's positional arguments: query, key, value, attn_mask, dropout_p, is_causal, scale.
-_MASK, _CAUSAL = 3, 5
+_NAMES = [a.name for a in _SDPA._schema.arguments]  # query, key, value, attn_mask, dropout_p, is_causal, ...
 # Batch sizes the mask is checked at: a mask that changes with the batch size is left alone.
 _BATCHES = (1, 3)
 
@@ -38,8 +37,9 @@ def causal_attention(cap: Captured) -> int:
     for n in list(graph.nodes):
         if n.op != "call_function" or n.target is not _SDPA:
             continue
-        mask = n.args[_MASK] if len(n.args) > _MASK else n.kwargs.get("attn_mask")
-        if not isinstance(mask, torch.fx.Node) or not mask.meta.get("replicable") or _arg(n, _CAUSAL, "is_causal"):
+        given = {**dict(zip(_NAMES, n.args)), **n.kwargs}
+        mask = given.get("attn_mask")
+        if not isinstance(mask, torch.fx.Node) or not mask.meta.get("replicable") or given.get("is_causal"):
             continue
         q_len, k_len = n.args[0].meta["val"].shape[-2], n.args[1].meta["val"].shape[-2]
         if not (isinstance(q_len, int) and q_len == k_len):
@@ -49,27 +49,14 @@ def causal_attention(cap: Captured) -> int:
                 causal[mask] = all(_is_causal(_evaluate(cap, mask, batch), q_len) for batch in _BATCHES)
             except Exception:  # noqa: BLE001 - a mask this cannot compute stays as the model built it
                 causal[mask] = False
-        if not causal[mask]:
-            continue
-        args, kwargs = list(n.args), dict(n.kwargs)
-        if len(args) > _MASK:
-            args[_MASK] = None
-        else:
-            kwargs["attn_mask"] = None
-        if len(args) > _CAUSAL:
-            args[_CAUSAL] = True
-        else:
-            kwargs["is_causal"] = True
-        n.args, n.kwargs = tuple(args), kwargs
-        rewritten += 1
+        if causal[mask]:
+            options = {k: v for k, v in given.items() if k not in _NAMES[:3]}
+            n.args, n.kwargs = n.args[:3], {**options, "attn_mask": None, "is_causal": True}
+            rewritten += 1
     if rewritten:
         graph.eliminate_dead_code()
         cap.gm.recompile()
     return rewritten
-
-
-def _arg(n: torch.fx.Node, pos: int, name: str):
-    return n.args[pos] if len(n.args) > pos else n.kwargs.get(name)
 
 
 def _evaluate(cap: Captured, node: torch.fx.Node, batch: int) -> torch.Tensor | None:

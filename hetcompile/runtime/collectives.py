@@ -24,12 +24,16 @@ import torch
 import torch.distributed as dist
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @functools.cache
 def _core_each() -> bool:
     """Whether every rank on this node has its own cores (torchrun's LOCAL_WORLD_SIZE ranks here)."""
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or dist.get_world_size())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return local_ranks * torch.get_num_threads() <= cores
+    return local_ranks * torch.get_num_threads() <= usable_cores()
 
 
 def all_reduce(t: torch.Tensor, group=None) -> None:
