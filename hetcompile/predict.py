@@ -6,11 +6,19 @@ section and the timeline all come from :func:`predict`.
 
 from __future__ import annotations
 
+import bisect
+from collections import Counter
+
 from cost_models.comm import allreduce_time_s, p2p_time_s
 from cost_models.memory import stage_memory_bytes, tp_share
 from cost_models.roofline import block_overhead_s, block_time_s, optimizer_time_s, stage_call_overhead_s
 from hetcompile.ir import ModelCosts
-from hetcompile.schedule import Timeline, make_schedule, simulate
+from hetcompile.schedule import BACKWARD, FORWARD, Timeline, make_schedule, simulate
+
+# Rounds of the fixed point that slows compute on nodes whose ranks share cores (_share_cores),
+# and the relative change of every stage's time at which it stops.
+SHARING_ROUNDS = 50
+SHARING_TOLERANCE = 1e-4
 
 
 def link(cluster, group_a, group_b) -> tuple[float, float]:
@@ -30,19 +38,9 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
     stages = decision.stages
     for s, st in enumerate(stages):
         blocks = costs.blocks[st.first_block:st.last_block + 1]
-        f_s, b_s = 0.0, 0.0
         tp, parts = _tp_parts(st)
-        # Replicas of one type with one share take the same time: price each pair once.
-        # TP: a member with part p of P runs (1 - f) + f p/P of each block (f = tp_flops_fraction).
-        for type_name, share, part in sorted({(devices[d].type, share, parts[i % tp])
-                                              for i, (d, share) in enumerate(zip(st.devices, st.shares))}):
-            dev_type = cluster.type_of(type_name)
-            per = [block_time_s(b, dev_type, costs.dtype, samples=share) for b in blocks]
-            fixed = [block_overhead_s(b, dev_type) for b in blocks]  # per call, whatever the share
-            fixed.append(stage_call_overhead_s(dev_type))  # the stage's own call and backward call
-            x = [tp_share(b.tp_flops_fraction, part, sum(parts)) for b in blocks]
-            f_s = max(f_s, share * sum(p[0] * y for p, y in zip(per, x)) + sum(o[0] for o in fixed))
-            b_s = max(b_s, share * sum(p[1] * y for p, y in zip(per, x)) + sum(o[1] for o in fixed))
+        per_device = member_compute_s(st, costs, cluster)
+        f_s, b_s = max(f for f, _ in per_device), max(b for _, b in per_device)
         if tp > 1:  # each block all-reduces its TP activations over the group, forward and backward alike
             tp_comm_s = max(sum(allreduce_time_s(b.tp_comm_bytes_per_sample * st.shares[i], cluster,
                                                  st.devices[i:i + tp]) for b in blocks)
@@ -80,6 +78,29 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
             "update_s": update, **_notices(decision, cluster, notice_fwd, notice_bwd)}
 
 
+def member_compute_s(st, costs: ModelCosts, cluster) -> list[tuple[float, float]]:
+    """Per device of a stage: its forward and backward compute seconds of one micro-batch (no TP
+    all-reduces, no recompute)."""
+    devices = cluster.devices
+    blocks = costs.blocks[st.first_block:st.last_block + 1]
+    tp, parts = _tp_parts(st)
+    priced: dict[tuple, tuple[float, float]] = {}
+    out = []
+    for i, (d, share) in enumerate(zip(st.devices, st.shares)):
+        key = (devices[d].type, share, parts[i % tp])
+        if key not in priced:  # replicas of one type with one share take the same time: price each once
+            dev_type = cluster.type_of(devices[d].type)
+            per = [block_time_s(b, dev_type, costs.dtype, samples=share) for b in blocks]
+            fixed = [block_overhead_s(b, dev_type) for b in blocks]  # per call, whatever the share
+            fixed.append(stage_call_overhead_s(dev_type))  # the stage's own call and backward call
+            # TP: a member with part p of P runs (1 - f) + f p/P of each block (f = tp_flops_fraction).
+            x = [tp_share(b.tp_flops_fraction, parts[i % tp], sum(parts)) for b in blocks]
+            priced[key] = (share * sum(p[0] * y for p, y in zip(per, x)) + sum(o[0] for o in fixed),
+                           share * sum(p[1] * y for p, y in zip(per, x)) + sum(o[1] for o in fixed))
+        out.append(priced[key])
+    return out
+
+
 def _cut_rows(producer, consumer) -> int:
     """Samples of a micro-batch through the busiest device's link at the cut from ``producer`` to
     ``consumer``: each device sends and receives only its own rows (lowering.transfers; one NIC per
@@ -112,8 +133,11 @@ def _shard_bytes(blocks, part: int, total: int) -> float:
 def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, Timeline]:
     """What the cost model expects of ``decision``: step time, throughput, bubbles, memory per device."""
     times = stage_times(decision, costs, cluster)
-    timeline = simulate(make_schedule(schedule, len(decision.stages), decision.num_microbatches,
-                                      decision.chunks), **times)
+    actions = make_schedule(schedule, len(decision.stages), decision.num_microbatches, decision.chunks)
+    timeline = simulate(actions, **times)
+    capacity = _shared_core_capacity(decision, cluster)
+    if capacity:
+        times, timeline = _share_cores(actions, times, timeline, decision, costs, cluster, capacity)
     devices = cluster.devices
     memory: dict[int, dict] = {}  # per device, the sum over its stages
     for s, st in enumerate(decision.stages):
@@ -143,3 +167,107 @@ def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, 
                     "peak_in_flight": timeline.peak_in_flight[s]} for s in range(len(decision.stages))],
         "memory": [memory[d] for d in sorted(memory)],
     }, timeline
+
+
+def _shared_core_capacity(decision, cluster) -> dict[int, float]:
+    """Per node whose ranks outnumber its cores: how many ranks its cores run at full speed at once.
+
+    Only a CPU type profiled with its core count says so (``hetcompile profile`` records them): one
+    device is one rank of the profile's ``num_threads`` threads. Nodes that fit are left out.
+    """
+    devices = cluster.devices
+    ranks = Counter(devices[d].node for d in {d for st in decision.stages for d in st.devices})
+    capacity = {}
+    for node, count in ranks.items():
+        profile = cluster.type_of(cluster.nodes[node].device).profile
+        if profile is not None and profile.device == "cpu" and profile.num_cores:
+            ranks_at_once = profile.num_cores / max(profile.num_threads, 1)
+            if count > ranks_at_once:
+                capacity[node] = ranks_at_once
+    return capacity
+
+
+def _share_cores(actions, times: dict, timeline: Timeline, decision, costs: ModelCosts, cluster,
+                 capacity: dict[int, float]) -> tuple[dict, Timeline]:
+    """Stage times and timeline with compute slowed where more ranks compute at once than a node has cores.
+
+    NOTE: [shared cores] A node of more ranks than cores (three CPU ranks on two cores, say)
+    shares them: while n ranks compute on c cores, each runs at c/n of its speed (processor
+    sharing), and a rank that waits for a message takes none (receives and, on such nodes, the
+    all-reduces block: NOTE: [polling collectives] in hetcompile/runtime/collectives.py). The
+    simulator gives every rank its own core, so the slowdown is found as a fixed point: from a
+    timeline, each forward and backward span is slowed by the mean over its length of
+    max(1, ranks computing / rank capacity) on its node (the worst node of its stage), each
+    stage's times become its unshared times times its spans' mean slowdown, and the schedule
+    is simulated again, until no stage time moves (damped: half of each round's change).
+    A replica with a smaller share than the stage's slowest computes only the first part of
+    each span (its own time over the slowest's) and leaves its core to the others for the rest.
+    On one CPU profile, GPT-2 in 2 stages with stage 0 on 2 ranks (shares 3:1) and stage 1 on a
+    third, 3 gloo ranks on 2 cores, measured 218.7-247.8 ms a step over 7 runs; predicted 203.6
+    ms with a core per rank, 241.2 ms counting every replica busy for the whole span, 216.0 ms
+    as here (benchmarks/RESULTS.md, "Predictor accuracy").
+    """
+    devices = cluster.devices
+    # Per stage, its ranks on shared nodes: (node, the part of the stage's forward and of its
+    # backward span the rank computes). A replica with a smaller share finishes first and waits.
+    members = []
+    for st, fwd_s, bwd_s in zip(decision.stages, times["fwd_s"], times["bwd_s"]):
+        members.append([(devices[d].node, f / fwd_s if fwd_s > 0 else 1.0,
+                         (b + (f if st.recompute else 0.0)) / bwd_s if bwd_s > 0 else 1.0)
+                        for d, (f, b) in zip(st.devices, member_compute_s(st, costs, cluster))
+                        if devices[d].node in capacity])
+    unshared = {kind: list(times[key]) for kind, key in ((FORWARD, "fwd_s"), (BACKWARD, "bwd_s"))}
+    slowdown = {kind: [1.0] * len(decision.stages) for kind in unshared}
+    for _ in range(SHARING_ROUNDS):
+        measured = _mean_slowdown(timeline, members, capacity)
+        moved = 0.0
+        for kind, per_stage in slowdown.items():
+            for s, old in enumerate(per_stage):
+                new = 0.5 * (old + measured[kind].get(s, old))
+                moved, per_stage[s] = max(moved, abs(new - old) / old), new
+        times = {**times, "fwd_s": [t * x for t, x in zip(unshared[FORWARD], slowdown[FORWARD])],
+                 "bwd_s": [t * x for t, x in zip(unshared[BACKWARD], slowdown[BACKWARD])]}
+        timeline = simulate(actions, **times)
+        if moved < SHARING_TOLERANCE:
+            break
+    return times, timeline
+
+
+def _mean_slowdown(timeline: Timeline, members: list[list[tuple[int, float, float]]],
+                   capacity: dict[int, float]) -> dict[str, dict[int, float]]:
+    """Per kind (forward, backward) and stage: the length-weighted mean over its spans of the
+    slowdown of its slowest rank on ``timeline`` (NOTE: [shared cores]). ``members``: per stage,
+    (node, part of the forward span, part of the backward span) of each rank on a shared node."""
+    compute = [span for span in timeline.spans if span.kind in (FORWARD, BACKWARD) and span.duration_s > 0]
+
+    def busy_until(span, part: float) -> float:
+        return span.start_s + part * span.duration_s
+
+    edges = sorted({t for span in compute for t in (span.start_s, span.end_s)}
+                   | {busy_until(span, m[1 if span.kind == FORWARD else 2]) for span in compute
+                      for m in members[span.stage]})
+    # Per node: ranks computing in each interval between consecutive edges, then the running
+    # integral of the slowdown over the edges.
+    integral = {}
+    for node, ranks_at_once in capacity.items():
+        busy = [0] * len(edges)
+        for span in compute:
+            for where, part_f, part_b in members[span.stage]:
+                if where == node:
+                    busy[bisect.bisect_left(edges, span.start_s)] += 1
+                    busy[bisect.bisect_left(edges, busy_until(span, part_f if span.kind == FORWARD else part_b))] -= 1
+        running, total, acc = 0, 0.0, [0.0]
+        for i in range(len(edges) - 1):
+            running += busy[i]
+            total += max(1.0, running / ranks_at_once) * (edges[i + 1] - edges[i])
+            acc.append(total)
+        integral[node] = acc
+    weighted: dict[str, dict[int, list[float]]] = {FORWARD: {}, BACKWARD: {}}
+    for span in compute:
+        i, j = bisect.bisect_left(edges, span.start_s), bisect.bisect_left(edges, span.end_s)
+        nodes = {node for node, _, _ in members[span.stage]}
+        slow = max(((integral[n][j] - integral[n][i]) / span.duration_s for n in nodes), default=1.0)
+        entry = weighted[span.kind].setdefault(span.stage, [0.0, 0.0])
+        entry[0] += slow * span.duration_s
+        entry[1] += span.duration_s
+    return {kind: {s: a / b for s, (a, b) in per_stage.items()} for kind, per_stage in weighted.items()}

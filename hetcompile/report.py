@@ -147,7 +147,8 @@ def summary(plan) -> str:
 
 def _shared_cores(cluster: dict) -> list[str]:
     """A note per CPU node that declares more devices (one rank of ``num_threads`` threads each) than
-    its type's profile had cores: those ranks share cores, which the predictor does not model."""
+    its type's profile had cores: those ranks share cores (the predictor slows their compute for it,
+    NOTE: [shared cores] in hetcompile/predict.py)."""
     lines = []
     for i, node in enumerate(cluster["nodes"]):
         profile = cluster["devices"].get(node["device"], {}).get("profile") or {}
@@ -156,7 +157,7 @@ def _shared_cores(cluster: dict) -> list[str]:
             fit = max(cores // threads, 1)
             note = (f"note: node {i} declares {node['count']} {node['device']} devices of {threads} "
                     f"thread{'s' if threads > 1 else ''} each, but its profile was measured with {cores} cores; "
-                    f"its ranks will share cores, and the prediction assumes they do not. Declare at most {fit} "
-                    "per node.")
+                    f"its ranks will share cores and compute more slowly, as the prediction assumes. Declare at "
+                    f"most {fit} per node to give each rank a core of its own.")
             lines += textwrap.wrap(note, 110, initial_indent="  ", subsequent_indent="        ")
     return lines

@@ -18,7 +18,7 @@ from cost_models.roofline import block_overhead_s, block_time_s, optimizer_time_
 from hetcompile.errors import UserError
 from hetcompile.ir import Block, ModelCosts
 from hetcompile.planner import PlanDecision, StageDecision, solve
-from hetcompile.predict import predict
+from hetcompile.predict import predict, stage_times
 
 GFLOPS = 1e9
 
@@ -141,6 +141,35 @@ def test_summary_notes_a_cpu_node_with_more_devices_than_cores(tmp_path):
             "devices": {"CPU": {"profile": str(tmp_path / "p.json")}}}
     notes = " ".join(_shared_cores(load_cluster(spec).to_json()))
     assert "node 0 declares 3 CPU devices" in notes and "at most 2 per node" in notes and "node 1" not in notes
+
+
+@pytest.mark.parametrize("cores, slowdown", [(2, 1.5), (3, 1.0)])
+def test_ranks_that_share_cores_compute_more_slowly(cores, slowdown):
+    # One stage, three equal replicas always computing together: on two cores each runs at 2/3 speed
+    # (NOTE: [shared cores]); with a core each, at full speed.
+    profile = dataclasses.replace(_profile(), num_cores=cores)
+    cpu = load_cluster({"nodes": [{"device": "CPU", "count": 3}], "devices": {"CPU": {"profile": profile.to_json()}}})
+    alone = load_cluster({"nodes": [{"device": "CPU", "count": 3}], "devices": {"CPU": {"profile": _profile().to_json()}}})
+    costs = _costs(num_blocks=2, batch=6)
+    decision = PlanDecision(stages=(StageDecision(0, 1, (0, 1, 2), (1, 1, 1)),), num_microbatches=2,
+                            microbatch_size=3)
+    shared, _ = predict(decision, costs, cpu, "1f1b")
+    unshared, _ = predict(decision, costs, alone, "1f1b")
+    for key in ("fwd_s", "bwd_s"):
+        assert shared["stages"][0][key] == pytest.approx(slowdown * unshared["stages"][0][key], rel=1e-3)
+
+
+def test_a_replica_that_finishes_first_frees_its_core():
+    # Stage 0's replicas hold 3 and 1 samples of a micro-batch; the small one waits most of the span,
+    # so the three ranks slow down less than three always computing would.
+    profile = dataclasses.replace(_profile(op_s=0.0), num_cores=2)
+    cpu = load_cluster({"nodes": [{"device": "CPU", "count": 3}], "devices": {"CPU": {"profile": profile.to_json()}}})
+    costs = _costs(num_blocks=2, batch=8)
+    decision = PlanDecision(stages=(StageDecision(0, 0, (0, 1), (3, 1)), StageDecision(1, 1, (2,), (4,))),
+                            num_microbatches=2, microbatch_size=4)
+    unshared = stage_times(decision, costs, cpu)["fwd_s"][0]
+    predicted, _ = predict(decision, costs, cpu, "gpipe")
+    assert unshared < predicted["stages"][0]["fwd_s"] < 1.5 * unshared
 
 
 @pytest.mark.parametrize("local_ranks, cores, polls", [("2", {0, 1}, True), ("3", {0, 1}, False)])
