@@ -476,7 +476,11 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
     # fraction of it (4 KB all-reduce on 2 CPU ranks: about 0.1 ms in a loop, 0.6-0.9 ms after a
     # barrier and 5 ms of compute). So each sample is one operation after a barrier and
     # COMM_GAP_S of compute on every rank; a fixed count (a collective must be called as often
-    # on every rank), the median.
+    # on every rank), and their mean, leaving out the fastest and slowest tenth: a step pays
+    # every transfer's latency, so it takes their sum, which follows their mean. The median
+    # would not: on the 2-vCPU development VM one-way gloo latencies after a compute gap fall
+    # in two bands, 0.13-0.45 ms and 1-3 ms, and the median of a few dozen jumped between them (0.27
+    # and 1.66 ms in runs a minute apart, where the means were 0.80 and 1.74 ms).
     for num_bytes in COMM_BYTES:
         x = torch.zeros(max(num_bytes // 4, 1), device=dev)
         for kind in ("p2p", "allreduce"):
@@ -497,12 +501,23 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
                 sync()
                 per = time.perf_counter() - start
                 rounds.append(per / 2 if kind == "p2p" else per)
-            rounds = sorted(rounds[2:])
-            samples.append((kind, x.numel() * 4, rounds[len(rounds) // 2]))
+            samples.append((kind, x.numel() * 4, _trimmed_mean(rounds[2:])))
     if rank == 0:
         Path(out_file).write_text(json.dumps(samples))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _trimmed_mean(values: list[float]) -> float:
+    """The mean without the fastest and the slowest tenth.
+
+    >>> _trimmed_mean([1.0] * 9 + [100.0])
+    1.0
+    """
+    values = sorted(values)
+    cut = len(values) // 10
+    kept = values[cut:len(values) - cut]
+    return sum(kept) / len(kept)
 
 
 def _latency_and_bw(points: list[tuple[int, float]]) -> tuple[float, float]:

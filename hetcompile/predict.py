@@ -39,7 +39,7 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
     for s, st in enumerate(stages):
         blocks = costs.blocks[st.first_block:st.last_block + 1]
         tp, parts = _tp_parts(st)
-        per_device = member_compute_s(st, costs, cluster)
+        per_device = _member_compute_s(st, costs, cluster)
         f_s, b_s = max(f for f, _ in per_device), max(b for _, b in per_device)
         if tp > 1:  # each block all-reduces its TP activations over the group, forward and backward alike
             tp_comm_s = max(sum(allreduce_time_s(b.tp_comm_bytes_per_sample * st.shares[i], cluster,
@@ -78,7 +78,7 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
             "update_s": update, **_notices(decision, cluster, notice_fwd, notice_bwd)}
 
 
-def member_compute_s(st, costs: ModelCosts, cluster) -> list[tuple[float, float]]:
+def _member_compute_s(st, costs: ModelCosts, cluster) -> list[tuple[float, float]]:
     """Per device of a stage: its forward and backward compute seconds of one micro-batch (no TP
     all-reduces, no recompute)."""
     devices = cluster.devices
@@ -214,7 +214,7 @@ def _share_cores(actions, times: dict, timeline: Timeline, decision, costs: Mode
     for st, fwd_s, bwd_s in zip(decision.stages, times["fwd_s"], times["bwd_s"]):
         members.append([(devices[d].node, f / fwd_s if fwd_s > 0 else 1.0,
                          (b + (f if st.recompute else 0.0)) / bwd_s if bwd_s > 0 else 1.0)
-                        for d, (f, b) in zip(st.devices, member_compute_s(st, costs, cluster))
+                        for d, (f, b) in zip(st.devices, _member_compute_s(st, costs, cluster))
                         if devices[d].node in capacity])
     unshared = {kind: list(times[key]) for kind, key in ((FORWARD, "fwd_s"), (BACKWARD, "bwd_s"))}
     slowdown = {kind: [1.0] * len(decision.stages) for kind in unshared}
