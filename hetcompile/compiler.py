@@ -30,6 +30,7 @@ from hetcompile.schedule import SCHEDULES
 from hetcompile.timeline import timeline_files
 from passes.annotate_costs import annotate_costs
 from passes.causal_attention import causal_attention
+from passes.grouped_attention import grouped_attention
 from passes.group_blocks import group_blocks
 from passes.inline_grad_regions import inline_grad_regions
 from passes.mark_replicable import mark_replicable
@@ -184,6 +185,7 @@ def analyze(model, *, seed: int = 0, timings: dict | None = None, progress=None)
         inline_grad_regions(cap.gm)
         mark_replicable(cap)
         causal_attention(cap)
+        grouped_attention(cap)
         annotate_costs(cap)
         costs = annotate_tp(cap, group_blocks(cap))
         # The key of the block's measured times in a device profile (hetcompile/block_profile.py).

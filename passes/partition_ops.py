@@ -601,8 +601,17 @@ class _Propagation:
 
     def attention(self, n):
         q, k, v = (self.layout(a) for a in n.args[:3])
-        if not all(isinstance(lay, Shard) and lay.dim == 1 for lay in (q, k, v)) or not (
-                q.same_split(k) and q.same_split(v)):
+        if not all(isinstance(lay, Shard) and lay.dim == 1 for lay in (q, k, v)) or not k.same_split(v):
+            return self.unknown(n, "attention with query, key and value not split by the same heads")
+        if n.kwargs.get("enable_gqa"):
+            # Grouped heads (passes/grouped_attention.py): query head h reads key/value head h // g,
+            # so a member's query heads must be the groups of its key/value heads.
+            g = _shape(n.args[0])[1] // _shape(n.args[1])[1]
+            groups = [(i[:, None] * g + np.arange(g)).ravel() for i in k.index]
+            if not all(np.array_equal(a, b) for a, b in zip(q.index, groups)):
+                return self.unknown(n, "grouped-query attention with query heads split unlike their "
+                                       "key/value groups")
+        elif not q.same_split(k):
             return self.unknown(n, "attention with query, key and value not split by the same heads")
         mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
         if isinstance(mask, torch.fx.Node):
