@@ -12,6 +12,14 @@ times more activation transfers between groups and more micro-batches in flight
 on the first groups. The one predictor (hetcompile/predict.py) weighs the two:
 a chunk count is taken only when the predicted step is faster and every device
 still fits in memory.
+
+The search hands over its plan and its close runners-up (hetcompile/planner.py,
+INTERLEAVE_SLACK and INTERLEAVE_RUNNERS_UP), not only the best: a runner-up may
+have the micro-batch count or the layers per group that interleaving needs.
+Handing over far more (every plan within 2x, up to 50) left all 18 plans of
+``benchmarks/plan_quality.py`` as they were (2026-11-24). The chunk count is
+not a CP-SAT variable: a plan that is good only interleaved and far from every
+plan the search found would be missed.
 """
 
 from __future__ import annotations
