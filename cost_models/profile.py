@@ -6,8 +6,8 @@ a device type (``"devices": {"CPU": {"profile": "profile.json"}}``) and then
 :mod:`cost_models.roofline`, :mod:`cost_models.comm` and the optimizer term of
 :mod:`hetcompile.predict` use the measured numbers.
 
-What is measured, and the model each number feeds (all timed with
-``torch.utils.benchmark``, medians):
+What is measured, and the model each number feeds (timed with
+``torch.utils.benchmark``, medians; the links by hand, trimmed means):
 
 - matmul time over shapes and dtypes, fitted as ``t = overhead + flops / rate``
   per dtype: ``matmul_flops_per_s[dtype]`` (the slope; small shapes are slow
