@@ -24,8 +24,8 @@ import torch.fx
 from hetcompile.capture import Captured
 
 aten = torch.ops.aten
-_SDPA = aten.scaled_dot_product_attention.default
-_NAMES = [a.name for a in _SDPA._schema.arguments]  # query, key, value, attn_mask, dropout_p, is_causal, ...
+SDPA = aten.scaled_dot_product_attention.default
+SDPA_ARGS = [a.name for a in SDPA._schema.arguments]  # query, key, value, attn_mask, dropout_p, is_causal, ...
 # Batch sizes the mask is checked at: a mask that changes with the batch size is left alone.
 _BATCHES = (1, 3)
 
@@ -35,9 +35,9 @@ def causal_attention(cap: Captured) -> int:
     graph, rewritten = cap.gm.graph, 0
     causal: dict[torch.fx.Node, bool] = {}  # per mask node: the layers of a model share one
     for n in list(graph.nodes):
-        if n.op != "call_function" or n.target is not _SDPA:
+        if n.op != "call_function" or n.target is not SDPA:
             continue
-        given = {**dict(zip(_NAMES, n.args)), **n.kwargs}
+        given = {**dict(zip(SDPA_ARGS, n.args)), **n.kwargs}
         mask = given.get("attn_mask")
         if not isinstance(mask, torch.fx.Node) or not mask.meta.get("replicable") or given.get("is_causal"):
             continue
@@ -50,7 +50,7 @@ def causal_attention(cap: Captured) -> int:
             except Exception:  # noqa: BLE001 - a mask this cannot compute stays as the model built it
                 causal[mask] = False
         if causal[mask]:
-            options = {k: v for k, v in given.items() if k not in _NAMES[:3]}
+            options = {k: v for k, v in given.items() if k not in SDPA_ARGS[:3]}
             n.args, n.kwargs = n.args[:3], {**options, "attn_mask": None, "is_causal": True}
             rewritten += 1
     if rewritten:

@@ -24,7 +24,7 @@ import torch
 import torch.fx
 
 from hetcompile.capture import Captured
-from passes.causal_attention import _NAMES, _SDPA
+from passes.causal_attention import SDPA, SDPA_ARGS
 
 aten = torch.ops.aten
 _RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
@@ -34,9 +34,9 @@ def grouped_attention(cap: Captured) -> int:
     """Rewrite the SDPA nodes of ``cap.gm`` that read repeated key/value heads; returns how many."""
     graph, rewritten = cap.gm.graph, 0
     for n in list(graph.nodes):
-        if n.op != "call_function" or n.target is not _SDPA:
+        if n.op != "call_function" or n.target is not SDPA:
             continue
-        given = {**dict(zip(_NAMES, n.args)), **n.kwargs}
+        given = {**dict(zip(SDPA_ARGS, n.args)), **n.kwargs}
         if given.get("attn_mask") is not None or given.get("enable_gqa"):
             continue
         key, value = _repeated(given["key"]), _repeated(given["value"])
@@ -44,7 +44,7 @@ def grouped_attention(cap: Captured) -> int:
         if key is None or value is None or key[1] != value[1] or heads is None or len(heads) != 4 \
                 or heads[1] != _shape(given["key"])[1]:
             continue
-        options = {k: v for k, v in given.items() if k not in _NAMES[:3]}
+        options = {k: v for k, v in given.items() if k not in SDPA_ARGS[:3]}
         n.args, n.kwargs = (given["query"], key[0], value[0]), {**options, "enable_gqa": True}
         rewritten += 1
     if rewritten:
