@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # The wrapper module's attribute that holds the user's model: stripped from names.
 _PREFIX = "model."
+# What export asserts about shapes and dtypes, which holds by construction for every micro-batch:
+# dropped from the captured graph (and from the regions passes/inline_grad_regions.py inlines).
+ASSERTIONS = (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
+              torch.ops.aten.sym_constrain_range_for_size.default)
 
 
 @dataclass(frozen=True)
@@ -195,9 +199,7 @@ def _from_exported(ep, batch_size, spec, mf) -> Captured:
     gm = _LazyGraphModule.from_graphmodule(ep.graph_module)
     # Export leaves shape assertions in the graph; they hold by construction for every micro-batch.
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in (torch.ops.aten._assert_tensor_metadata.default,
-                                                          torch.ops.aten._assert_scalar.default,
-                                                          torch.ops.aten.sym_constrain_range_for_size.default):
+        if node.op == "call_function" and node.target in ASSERTIONS:
             if not node.users:
                 gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()

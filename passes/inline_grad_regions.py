@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from hetcompile.capture import ASSERTIONS
 from hetcompile.errors import UserError
 
 
@@ -38,6 +39,8 @@ def inline_grad_regions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 if inner.op == "output":
                     outputs = torch.fx.map_arg(inner.args[0], lambda n: env[n])
                     continue
+                if inner.op == "call_function" and inner.target in ASSERTIONS and not inner.users:
+                    continue  # as capture drops them from the graph around the region
                 new = gm.graph.node_copy(inner, lambda n: env[n])
                 new.meta = dict(inner.meta)
                 new.meta.setdefault("nn_module_stack", node.meta.get("nn_module_stack", {}))
