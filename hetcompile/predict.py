@@ -239,26 +239,22 @@ def _mean_slowdown(timeline: Timeline, members: list[list[tuple[int, float, floa
     slowdown of its slowest rank on ``timeline`` (NOTE: [shared cores]). ``members``: per stage,
     (node, part of the forward span, part of the backward span) of each rank on a shared node."""
     compute = [span for span in timeline.spans if span.kind in (FORWARD, BACKWARD) and span.duration_s > 0]
-
-    def busy_until(span, part: float) -> float:
-        return span.start_s + part * span.duration_s
-
-    edges = sorted({t for span in compute for t in (span.start_s, span.end_s)}
-                   | {busy_until(span, m[1 if span.kind == FORWARD else 2]) for span in compute
-                      for m in members[span.stage]})
+    # (node, start, end) of each rank's computing: from the span's start for its part of the span.
+    busy = [(node, span.start_s, span.start_s + (part_f if span.kind == FORWARD else part_b) * span.duration_s)
+            for span in compute for node, part_f, part_b in members[span.stage]]
+    edges = sorted({t for span in compute for t in (span.start_s, span.end_s)} | {end for _, _, end in busy})
     # Per node: ranks computing in each interval between consecutive edges, then the running
     # integral of the slowdown over the edges.
     integral = {}
     for node, ranks_at_once in capacity.items():
-        busy = [0] * len(edges)
-        for span in compute:
-            for where, part_f, part_b in members[span.stage]:
-                if where == node:
-                    busy[bisect.bisect_left(edges, span.start_s)] += 1
-                    busy[bisect.bisect_left(edges, busy_until(span, part_f if span.kind == FORWARD else part_b))] -= 1
+        change = [0] * len(edges)
+        for where, start, end in busy:
+            if where == node:
+                change[bisect.bisect_left(edges, start)] += 1
+                change[bisect.bisect_left(edges, end)] -= 1
         running, total, acc = 0, 0.0, [0.0]
         for i in range(len(edges) - 1):
-            running += busy[i]
+            running += change[i]
             total += max(1.0, running / ranks_at_once) * (edges[i + 1] - edges[i])
             acc.append(total)
         integral[node] = acc
