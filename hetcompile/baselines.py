@@ -185,13 +185,18 @@ def _alone_samples_per_s(costs: ModelCosts, cluster: Cluster, name: str, num_mic
     return samples_per_s(decision, costs, sub, decision.schedule)
 
 
+_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _bound_worker() -> None:
     """A forked per-type search: low priority; stopped by its parent (terminate), not by the
     parent's signal handlers (the CLI turns SIGTERM into a clean exit of its own); Ctrl-C is the
-    parent's to handle."""
+    parent's to handle. The parent forks with both signals blocked, so a terminate that comes
+    before this runs waits for the default handler instead of meeting the parent's."""
     os.nice(10)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
 
 
 @contextlib.contextmanager
@@ -216,7 +221,11 @@ def per_type_beside(costs: ModelCosts, cluster: Cluster, *, num_microbatches: in
     if "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
         yield lambda: {name: _alone_samples_per_s(*a) for name, a in zip(names, args)}
         return
-    pool = multiprocessing.get_context("fork").Pool(len(names), initializer=_bound_worker)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    try:
+        pool = multiprocessing.get_context("fork").Pool(len(names), initializer=_bound_worker)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     try:
         pending = pool.starmap_async(_alone_samples_per_s, args)
         yield lambda: dict(zip(names, pending.get()))

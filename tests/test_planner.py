@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
+import os
 import random
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -585,3 +589,24 @@ def test_bound_searches_beside_give_the_answer_of_one_after_the_other():
         beside = result()
     serial = {t.name: _alone_samples_per_s(costs, cluster, t.name, None, "auto", 0) for t in cluster.device_types}
     assert beside == serial and all(v > 0 for v in beside.values())
+
+
+def test_bound_searches_stopped_at_once_print_nothing():
+    """Leaving the block right away (the compiler failing on bad input) terminates workers that
+    may not have run their initializer yet: they must die quietly, not raise through the CLI's
+    SIGTERM handler they were forked with (a traceback on the user's terminal)."""
+    script = textwrap.dedent("""
+        import signal
+        from test_planner import make_cluster, make_costs
+        from hetcompile.baselines import per_type_beside
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, interrupt)  # as hetcompile.cli does
+        costs, cluster = make_costs(4, global_batch=8), make_cluster([2], [2])
+        for _ in range(150):
+            with per_type_beside(costs, cluster, schedule="auto"):
+                pass
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(__file__))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
