@@ -481,20 +481,34 @@ def emit_rank(plan: Plan, rank: RankSpec, actions) -> str:
     st = plan.stages[rank.stages[0]]
     msgs = transfers(plan, rank)
     is_last = len(plan.stages) - 1 in rank.stages
-    lines = []
-    for a in actions:
-        mb, m = a.microbatch, msgs[a.stage]
+
+    def receives(a) -> list[str]:
+        m = msgs[a.stage]
         if a.kind == "F":
-            lines.append(f"    # {a}: forward of stage {a.stage}, micro-batch {mb}")
-            for t in m.recv:
-                lines.append(f"    ctx.recv({t.value!r}, mb={mb}, src={t.peer}, samples=({t.lo}, {t.hi}))")
+            return [f"    ctx.recv({t.value!r}, mb={a.microbatch}, src={t.peer}, samples=({t.lo}, {t.hi}))"
+                    for t in m.recv]
+        return [f"    ctx.recv_grad({t.value!r}, mb={a.microbatch}, src={t.peer}, samples=({t.lo}, {t.hi}))"
+                for t in m.recv_grad]
+
+    # NOTE: [receives one action ahead] A receive is posted (ctx.recv only posts it; forward and
+    # backward wait for it) one action before the action that reads it: its notice reaches the
+    # sender while this rank computes, so data that is ready leaves at once instead of one link
+    # latency after this rank gets to it (NOTE: [receives posted in program order] in
+    # hetcompile/schedule.py). The first action's receives are posted at its own start.
+    lines = []
+    for i, a in enumerate(actions):
+        mb, m = a.microbatch, msgs[a.stage]
+        lines.append(f"    # {a}: {'forward' if a.kind == 'F' else 'backward'} of stage {a.stage}, micro-batch {mb}")
+        if i == 0:
+            lines += receives(a)
+        ahead = receives(actions[i + 1]) if i + 1 < len(actions) else []
+        if ahead:
+            lines += [f"    # ... and the receives of {actions[i + 1]}, ahead", *ahead]
+        if a.kind == "F":
             lines.append(f"    ctx.forward({a.stage}, mb={mb})")
             for t in m.send:
                 lines.append(f"    ctx.send({t.value!r}, mb={mb}, dst={t.peer}, samples=({t.lo}, {t.hi}))")
         else:
-            lines.append(f"    # {a}: backward of stage {a.stage}, micro-batch {mb}")
-            for t in m.recv_grad:
-                lines.append(f"    ctx.recv_grad({t.value!r}, mb={mb}, src={t.peer}, samples=({t.lo}, {t.hi}))")
             lines.append(f"    ctx.backward({a.stage}, mb={mb})")
             for t in m.send_grad:
                 lines.append(f"    ctx.send_grad({t.value!r}, mb={mb}, dst={t.peer}, samples=({t.lo}, {t.hi}))")

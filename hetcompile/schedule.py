@@ -510,14 +510,16 @@ def simulate(
     spans: list[Span] = []
     next_index = [0] * num_slots
     free_at_s = [0.0] * num_slots  # per slot: one compute resource runs all of its stages
+    posted_s = [0.0] * num_slots  # per slot: when the receives of its next action were posted
 
-    # NOTE: [receives posted in program order] A rank posts the receive of an input right
-    # before the action that needs it (the emitted programs; hetcompile/runtime/context.py),
-    # and a rendezvous transport (gloo, NCCL p2p) sends the data only once the receiver's
-    # notice has reached the sender: so data that was ready long before still arrives one
-    # link latency (the notice) plus the send after the consumer got to the receive. On gloo
-    # between CPU processes a late-posted receive measured twice the one-way latency of a
-    # ping-pong (benchmarks/RESULTS.md, "Predictor accuracy").
+    # NOTE: [receives posted in program order] A rank posts the receives of an action when it
+    # reaches the action before it (NOTE: [receives one action ahead] in hetcompile/lowering.py;
+    # the first action's at the step's start), and a rendezvous transport (gloo, NCCL p2p) sends
+    # the data only once the receiver's notice has reached the sender: so data that was ready
+    # long before still arrives one link latency (the notice) plus the send after the consumer
+    # posted the receive. On gloo between CPU processes a receive posted only when its action
+    # was reached measured twice the one-way latency of a ping-pong (benchmarks/RESULTS.md,
+    # "Predictor accuracy").
     # Without notices (the datasheet model) data leaves as soon as it is produced.
     rendezvous = notice_fwd_s is not None or notice_bwd_s is not None
     notice_fwd = [0.0] * num_stages if notice_fwd_s is None else notice_fwd_s
@@ -531,7 +533,7 @@ def simulate(
         if not rendezvous:
             return end_s[dep] + send[stage]
         notice = notice_fwd if kind == FORWARD else notice_bwd
-        return max(end_s[dep], free_at_s[consumer_slot] + notice[stage]) + send[stage]
+        return max(end_s[dep], posted_s[consumer_slot] + notice[stage]) + send[stage]
 
     # validate() proved the lock-step run finishes, so each sweep schedules at
     # least one action; start times do not depend on the sweep order because
@@ -547,6 +549,7 @@ def simulate(
                     break
                 ready_s = 0.0 if dep is None else arrival_s(dep, r)
                 start_s = max(free_at_s[r], ready_s)
+                posted_s[r] = free_at_s[r]  # reaching this action posts the next one's receives
                 duration_s = fwd_s[s] if kind == FORWARD else bwd_s[s]
                 done_s = end_s[s, kind, m] = free_at_s[r] = start_s + duration_s
                 spans.append(Span(s, kind, m, start_s, done_s))

@@ -257,17 +257,20 @@ def test_block_profile_times_each_distinct_block_and_the_predictor_uses_it(tmp_p
 def test_a_receive_posted_late_waits_for_its_notice_to_reach_the_sender():
     from hetcompile.schedule import gpipe, simulate
 
-    times = dict(fwd_s=[1.0, 1.0], bwd_s=[2.0, 2.0], send_fwd_s=[0.5, 0.0], send_bwd_s=[0.0, 0.5],
+    times = dict(fwd_s=[0.1, 0.1], bwd_s=[0.2, 0.2], send_fwd_s=[0.5, 0.0], send_bwd_s=[0.0, 0.5],
                  allreduce_s=[0.0, 0.0])
     start = {}
     for notice in (None, 0.25):
         notices = {} if notice is None else dict(notice_fwd_s=[notice, 0.0], notice_bwd_s=[0.0, notice])
-        tl = simulate(gpipe(2, 2), **times, **notices)
+        tl = simulate(gpipe(2, 3), **times, **notices)
         start[notice] = {(sp.stage, sp.kind, sp.microbatch): sp.start_s for sp in tl.spans}
-    # Stage 1 posts the receive of micro-batch 1 when its forward of 0 ends (2.5 s); the data,
-    # ready at 2 s, leaves once the notice is there: 2.5 + 0.25, and arrives 0.5 s later.
-    # Without notices it left at 2 s and was there at 2.5 s.
-    assert start[None][1, "F", 1] == pytest.approx(2.5)
-    assert start[0.25][1, "F", 1] == pytest.approx(3.25)
-    # The first receive is posted at the start of the step, long before the data.
-    assert start[0.25][1, "F", 0] == start[None][1, "F", 0] == pytest.approx(1.5)
+    # Stage 1 posts the receives of its first two forwards at the step's start (the first
+    # action's own, and the next one's ahead): the data of micro-batch 0, ready at 0.1 s, leaves
+    # when the notice is there (0.25 s) and arrives 0.5 s later.
+    assert start[None][1, "F", 0] == pytest.approx(0.6)
+    assert start[0.25][1, "F", 0] == pytest.approx(0.75)
+    assert start[0.25][1, "F", 1] == pytest.approx(0.85)
+    # Micro-batch 2's receive goes out only when stage 1 reaches its forward of 1 (0.85 s): the
+    # data, ready at 0.3 s, leaves at 0.85 + 0.25 and arrives at 1.6 s. Without notices: 0.8 s.
+    assert start[None][1, "F", 2] == pytest.approx(0.8)
+    assert start[0.25][1, "F", 2] == pytest.approx(1.6)

@@ -183,7 +183,9 @@ class RankContext:
         # ``grads`` sums a value's gradient from this rank's readers and the received ones, for
         # send_grad or for the backward of the stage here that made it.
         self.inbox: dict[tuple[int, str], list[tuple[int, torch.Tensor, _PostedRecv]]] = {}
-        self.grad_recvs: dict[int, list[tuple[str, tuple[int, int], torch.Tensor, _PostedRecv]]] = {}
+        # Keyed by (producing stage, micro-batch): a receive may be posted an action early
+        # (NOTE: [receives one action ahead] in hetcompile/lowering.py), before another stage's backward.
+        self.grad_recvs: dict[tuple[int, int], list[tuple[str, tuple[int, int], torch.Tensor, _PostedRecv]]] = {}
         self.held: dict[tuple[int, str], tuple[torch.Tensor, int]] = {}  # value, its readers still to run
         self.grads: dict[tuple[int, str], torch.Tensor] = {}
         self.saved: dict[tuple[int, int], tuple[dict, dict]] = {}  # (stage, mb) -> input leaves, outputs
@@ -222,11 +224,11 @@ class RankContext:
         lo, hi = samples
         buf = self._buffer(name, hi - lo)
         posted = _PostedRecv.post(buf, src, self._tag(mb, name, True, lo), f"the gradient of {name} of micro-batch {mb}")
-        self.grad_recvs.setdefault(mb, []).append((name, samples, buf, posted))
+        self.grad_recvs.setdefault((self.producer[name], mb), []).append((name, samples, buf, posted))
 
-    def _collect_grads(self, mb: int) -> None:
-        """Wait for the gradients received for micro-batch ``mb`` and add them up per output."""
-        for name, samples, buf, posted in self.grad_recvs.pop(mb, ()):
+    def _collect_grads(self, stage: int, mb: int) -> None:
+        """Wait for the received gradients of ``stage``'s outputs for micro-batch ``mb``; add them up per output."""
+        for name, samples, buf, posted in self.grad_recvs.pop((stage, mb), ()):
             with self._span("wait", "wait grad {} mb{}", name, mb, mb=mb):
                 posted.wait()
             out = self.saved[self.producer[name], mb][1][name]
@@ -311,7 +313,7 @@ class RankContext:
             self._backward(stage, mb)
 
     def _backward(self, stage: int, mb: int) -> None:
-        self._collect_grads(mb)
+        self._collect_grads(stage, mb)
         spec = self.stage_specs[stage]
         leaves, outs = self.saved.pop((stage, mb))
         if spec.recompute:
