@@ -468,6 +468,26 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
         while time.perf_counter() < end:
             pass
 
+    def one_way(x, y) -> float:
+        """Rank 0 sends ``x`` to rank 1 and goes on computing; rank 1 waits for it, its receive
+        posted before (NOTE: [receives in flight]). Returns when rank 0 sent (rank 0) or rank 1
+        got it (rank 1), on the clock every process of the machine shares."""
+        posted = dist.irecv(y, 0) if rank == 1 else None
+        sync()
+        compute_gap()
+        if rank == 0:
+            at = time.perf_counter()
+            work = dist.isend(x, 1)
+            compute_gap()
+            work.wait()
+        elif rank == 1:
+            posted.wait()
+            sync()
+            at = time.perf_counter()
+        else:
+            at = 0.0
+        return at
+
     samples = []
     dist.barrier()
     # NOTE: [collectives as a step meets them] In training a collective or a transfer comes after
@@ -481,26 +501,33 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
     # would not: on the 2-vCPU development VM one-way gloo latencies after a compute gap fall
     # in two bands, 0.13-0.45 ms and 1-3 ms, and the median of a few dozen jumped between them (0.27
     # and 1.66 ms in runs a minute apart, where the means were 0.80 and 1.74 ms).
+    # A transfer is timed one way, as a pipeline meets it (one_way): the receiver posted its
+    # receive before, and the sender goes on computing after the send, so the sender's
+    # communication thread competes with its compute for a core. On the development VM that
+    # is what a rank's step showed: a gradient sent by a rank that went on to its next backward
+    # took 1.5 ms to arrive (a measured trace), where a ping-pong between two waiting ranks
+    # had measured 0.13-0.38 ms one way.
     for num_bytes in COMM_BYTES:
         x = torch.zeros(max(num_bytes // 4, 1), device=dev)
+        y = torch.empty_like(x)
         for kind in ("p2p", "allreduce"):
             rounds = []
             for _ in range(4 * repeats + 2):  # two warm-up rounds
                 dist.barrier()
+                if kind == "p2p":
+                    rounds.append(one_way(x, y))
+                    continue
                 sync()
                 compute_gap()
                 start = time.perf_counter()
-                if kind == "allreduce":
-                    all_reduce(x)  # as the ranks do (NOTE: [polling collectives])
-                elif rank == 0:  # ping-pong between ranks 0 and 1: a round trip is two messages
-                    dist.send(x, 1)
-                    dist.recv(x, 1)
-                elif rank == 1:
-                    dist.recv(x, 0)
-                    dist.send(x, 0)
+                all_reduce(x)  # as the ranks do (NOTE: [polling collectives])
                 sync()
-                per = time.perf_counter() - start
-                rounds.append(per / 2 if kind == "p2p" else per)
+                rounds.append(time.perf_counter() - start)
+            if kind == "p2p":  # rank 1 holds the arrivals, rank 0 the departures
+                stamps = torch.tensor(rounds, dtype=torch.float64)
+                both = [torch.zeros_like(stamps) for _ in range(world)]
+                dist.all_gather(both, stamps)
+                rounds = (both[1] - both[0]).tolist()
             samples.append((kind, x.numel() * 4, _trimmed_mean(rounds[2:])))
     if rank == 0:
         Path(out_file).write_text(json.dumps(samples))
