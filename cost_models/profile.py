@@ -24,7 +24,7 @@ What is measured, and the model each number feeds (timed with
   * samples``): ``block_times``, keyed by the block's signature
   (:mod:`hetcompile.block_profile`); the cost model prices those blocks by them;
 - with ``num_ranks >= 2`` local processes (gloo on CPU, NCCL on CUDA):
-  ping-pong point-to-point and all-reduce over message sizes, each fitted as
+  one-way point-to-point and all-reduce over message sizes, each fitted as
   ``t = latency + bytes / bw`` (all-reduce as ring-equivalent link numbers,
   so :func:`cost_models.comm.ring_allreduce_time_s` reproduces the measured
   time for ``num_ranks`` ranks).
