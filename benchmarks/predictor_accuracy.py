@@ -103,6 +103,14 @@ def _brief(p) -> str:
             f"{p.op_bwd_overhead_s * 1e6:.1f} us/op, p2p {c.p2p_latency_s * 1e6:.0f} us" if c else "")
 
 
+def _error(predicted_s: float, measured_s: float) -> float:
+    return (predicted_s - measured_s) / measured_s
+
+
+def _header(title: str, last: str) -> str:
+    return f"\n{title}\n{'plan':<44} {'ranks':>5} {'predicted ms':>13} {'measured ms':>12} {'error':>7}  {last}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="times every plan is profiled and run (default 3)")
@@ -129,8 +137,7 @@ def main(argv=None) -> int:
         spec_path.write_text(json.dumps({"nodes": [{"device": "CPU", "count": 3}],
                                          "devices": {"CPU": {"profile": "cpu_profile.json"}}}))
         for round_ in range(1, args.rounds + 1):
-            print(f"\nround {round_} of {args.rounds}\n{'plan':<44} {'ranks':>5} {'predicted ms':>13} "
-                  f"{'measured ms':>12} {'error':>7}  load      profile")
+            print(_header(f"round {round_} of {args.rounds}", "load      profile"))
             for label, model, schedule, num_microbatches, stages in plans:
                 costs = costs_of[model]
                 decision = pinned_decision(stages, num_microbatches, costs.num_blocks, costs.global_batch, schedule)
@@ -151,19 +158,18 @@ def main(argv=None) -> int:
                 runs[label].append({"ranks": plan.world_size, "predicted_s": predicted_s, "measured_s": measured_s,
                                     "measured_steps_s": kept, "run_wall_s": time.perf_counter() - start,
                                     "load_1min": load})
-                err = (predicted_s - measured_s) / measured_s
+                err = _error(predicted_s, measured_s)
                 print(f"{label:<44} {plan.world_size:>5} {predicted_s * 1e3:>13.2f} {measured_s * 1e3:>12.2f} "
                       f"{err * 100:>+6.1f}%  {load[0]:4.1f}-{load[1]:<4.1f} {_brief(profile)}", flush=True)
     rows = []
-    print(f"\nmedian over {args.rounds} round(s)\n{'plan':<44} {'ranks':>5} {'predicted ms':>13} "
-          f"{'measured ms':>12} {'error':>7}  rounds' errors")
+    print(_header(f"median over {args.rounds} round(s)", "rounds' errors"))
     for label, per_round in runs.items():
         predicted_s = statistics.median(r["predicted_s"] for r in per_round)
         measured_s = statistics.median(r["measured_s"] for r in per_round)
-        err = (predicted_s - measured_s) / measured_s
+        err = _error(predicted_s, measured_s)
         rows.append({"plan": label, "ranks": per_round[0]["ranks"], "predicted_s": predicted_s,
                      "measured_s": measured_s, "error": err, "rounds": per_round})
-        each = " ".join(f"{(r['predicted_s'] - r['measured_s']) / r['measured_s'] * 100:+.0f}%" for r in per_round)
+        each = " ".join(f"{_error(r['predicted_s'], r['measured_s']) * 100:+.0f}%" for r in per_round)
         print(f"{label:<44} {per_round[0]['ranks']:>5} {predicted_s * 1e3:>13.2f} {measured_s * 1e3:>12.2f} "
               f"{err * 100:>+6.1f}%  {each}")
     mape = statistics.mean(abs(r["error"]) for r in rows) if rows else float("nan")
