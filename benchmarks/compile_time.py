@@ -40,7 +40,7 @@ TARGETS = {("gpt3-175b", 1024): (60.0, 4.0), ("llama3-8b", 64): (10.0, None)}
 
 # Runs in the child: the API path the CLI takes, plus the phase timings and peak RSS.
 _CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, time
 start = time.perf_counter()
 import hetcompile
 from hetcompile.cli import main
@@ -50,7 +50,8 @@ plan = json.load(open(sys.argv[3] + "/plan.json"))
 print(json.dumps({"rc": rc, "wall_s": wall, "peak_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   "child_rss_GiB": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
                   "stages": len(plan["stages"]), "ranks": len(plan["ranks"]), "solver": plan["solver"],
-                  "efficiency": plan["predicted"].get("efficiency")}))
+                  "efficiency": plan["predicted"].get("efficiency")}), flush=True)
+os._exit(rc)  # as the command ends (NOTE: [quick exit] in hetcompile/cli.py)
 """
 
 

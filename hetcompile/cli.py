@@ -290,5 +290,22 @@ def _compile(args) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``hetcompile`` command: :func:`main`, then leave without tearing the interpreter down.
+
+    NOTE: [quick exit] Tearing down an interpreter that holds torch, transformers and a traced
+    model takes over a second (1.2-1.4 s after compiling Llama-3 8B for 64 GPUs, of a 12 s
+    command). By the time ``main`` returns every file is written and closed and every child
+    process has ended, so the command flushes its streams and ends the process at once.
+    """
+    rc = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # the reader went away (`hetcompile inspect OUT | head`)
+        pass
+    os._exit(rc or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

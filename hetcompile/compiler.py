@@ -21,13 +21,11 @@ from hetcompile.capture import capture
 from hetcompile.errors import UserError
 from hetcompile.lowering import lower
 from hetcompile.modelfile import ModelFile, load_model_file, module_model_file
-from hetcompile.baselines import per_type_beside
 from hetcompile.block_profile import block_signatures
-from hetcompile.planner import SolverReport, solve
+from hetcompile.planner_process import PlannerProcess
 from hetcompile.predict import predict
 from hetcompile.report import PHASES
 from hetcompile.schedule import SCHEDULES
-from hetcompile.timeline import timeline_files
 from passes.annotate_costs import annotate_costs
 from passes.causal_attention import causal_attention
 from passes.grouped_attention import grouped_attention
@@ -129,6 +127,15 @@ def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: st
     timings: dict[str, float] = {}
     mf = _as_model_file(model, example_inputs, optimizer)
     clu = cluster if hasattr(cluster, "devices") else load_cluster(cluster)
+    # Started first: it imports the search and the drawing while the model is captured.
+    with PlannerProcess() as planner:
+        return _compile(planner, mf, clu, timings, progress, decision=decision, schedule=schedule,
+                        microbatches=microbatches, seed=seed, max_stages=max_stages, time_limit_s=time_limit_s,
+                        tp=tp, pp=pp, dp=dp)
+
+
+def _compile(planner: PlannerProcess, mf: ModelFile, clu, timings: dict, progress, *, decision, schedule: str,
+             microbatches: int | None, seed: int, max_stages: int | None, time_limit_s: float, tp, pp, dp):
     cap, costs = analyze(mf, seed=seed, timings=timings, progress=progress)
     # None lets the planner choose the micro-batch count jointly with the stages.
     num_microbatches = microbatches
@@ -138,31 +145,28 @@ def compile(model, cluster, example_inputs=None, *, optimizer=None, schedule: st
                         "out to let the planner choose.")
     # HetHub's bound: each device type alone with its best plan, same model and global batch,
     # searched beside the plan and the lowering (NOTE: [searches side by side] in hetcompile/baselines.py).
-    with per_type_beside(costs, clu, schedule=schedule, seed=seed) as per_type:
-        with _phase("solve", timings, progress):
-            if decision is None:
-                # Incumbent and bound while CP-SAT searches.
-                decision, report = solve(costs, clu, num_microbatches=num_microbatches, schedule=schedule,
-                                         max_stages=max_stages, time_limit_s=time_limit_s, seed=seed, tp=tp, pp=pp,
-                                         dp=dp, on_progress=_solver_progress(progress, time.perf_counter()))
-            else:
-                report = SolverReport(status="PINNED", gap=0.0, objective_s=0.0, best_bound_s=0.0, wall_s=0.0,
-                                      num_variables=0)
-            if schedule == "auto":
-                schedule = decision.schedule
-        with _phase("emit", timings, progress):
-            predicted, _ = predict(decision, costs, clu, schedule)
-            solver = {"status": report.status, "gap": report.gap, "objective_s": report.objective_s,
-                      "best_bound_s": report.best_bound_s, "num_variables": report.num_variables,
-                      # True only when the wall-clock safety net cut the search: then the plan may vary run to run.
-                      "wall_limit_hit": report.wall_limit_hit}
-            plan = lower(cap, decision, clu, schedule=schedule, seed=seed, model_file=mf.name,
-                         block_names=[b.name for b in costs.blocks], predicted=predicted, solver=solver,
-                         model_source=mf.source_text(), data_files=mf.data_files)
-        with _phase("draw", timings, progress):
-            plan = dataclasses.replace(plan, sources={**plan.sources, **timeline_files(plan)})
-        with _phase("bound", timings, progress):
-            upper_bound = sum(per_type().values())
+    planner.start_bound(costs, clu, schedule=schedule, seed=seed)
+    with _phase("solve", timings, progress):
+        # Incumbent and bound while CP-SAT searches.
+        decision, report = planner.solve(costs, clu, decision=decision, num_microbatches=num_microbatches,
+                                         schedule=schedule, max_stages=max_stages, time_limit_s=time_limit_s,
+                                         seed=seed, tp=tp, pp=pp, dp=dp,
+                                         on_progress=_solver_progress(progress, time.perf_counter()))
+        if schedule == "auto":
+            schedule = decision.schedule
+    with _phase("emit", timings, progress):
+        predicted, _ = predict(decision, costs, clu, schedule)
+        solver = {"status": report.status, "gap": report.gap, "objective_s": report.objective_s,
+                  "best_bound_s": report.best_bound_s, "num_variables": report.num_variables,
+                  # True only when the wall-clock safety net cut the search: then the plan may vary run to run.
+                  "wall_limit_hit": report.wall_limit_hit}
+        plan = lower(cap, decision, clu, schedule=schedule, seed=seed, model_file=mf.name,
+                     block_names=[b.name for b in costs.blocks], predicted=predicted, solver=solver,
+                     model_source=mf.source_text(), data_files=mf.data_files)
+    with _phase("draw", timings, progress):
+        plan = dataclasses.replace(plan, sources={**plan.sources, **planner.draw(plan)})
+    with _phase("bound", timings, progress):
+        upper_bound = sum(planner.bound().values())
     predicted["upper_bound_samples_per_s"] = upper_bound
     predicted["efficiency"] = predicted["samples_per_s"] / upper_bound if upper_bound > 0 else 0.0
     # The block costs travel in plan.json: inspect/explain re-predict alternatives from OUT alone.

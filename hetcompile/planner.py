@@ -1625,6 +1625,7 @@ def solve(
     tp: int | None = None,
     pp: int | None = None,
     dp: int | None = None,
+    effort: float = 1.0,
 ) -> tuple[PlanDecision, SolverReport]:
     """Choose stages, device groups, batch shares, TP degrees, recompute, micro-batch count and
     schedule minimising the predicted step time.
@@ -1639,7 +1640,9 @@ def solve(
     (when it fires, ``SolverReport.wall_limit_hit`` says so and the plan may vary).
     ``tp``, ``pp``, ``dp`` pin every stage's TP degree, the number of stages and every
     stage's data-parallel replicas; the planner chooses what is not pinned, and a pinned
-    shape that cannot fit raises :class:`UserError`. TP groups stay inside a node; groups
+    shape that cannot fit raises :class:`UserError`. ``effort`` scales the searches' deterministic
+    budgets (HetHub's bound searches each device type alone at half: NOTE: [bound searches] in
+    hetcompile/baselines.py). TP groups stay inside a node; groups
     across nodes (mixed types, or more devices than a node) are tried only when nothing else fits.
 
     >>> from hetcompile.ir import Block, ModelCosts
@@ -1700,13 +1703,14 @@ def solve(
         if plain:
             result = _solve_best(plain, ladder, complete, start, time_limit_s, seed, num_workers, on_progress,
                                  kinds_of=_real_kinds if two_phase else _offered_kinds, incumbent=screened_best,
-                                 found=found)
+                                 deterministic_budget=effort * DETERMINISTIC_TIME_PER_SEARCH, found=found)
         if with_tp:
             budget = MAX_SOLVED_MODELS if result is None or any(per_s for _, per_s in with_tp) else 0
             tp_result = _solve_best(with_tp, ladder, complete, start, time_limit_s, seed, num_workers, on_progress,
                                     incumbent=result[:2] if result else None, max_models=budget,
-                                    deterministic_budget=DETERMINISTIC_TIME_PER_SEARCH if result is None
-                                    else DETERMINISTIC_TIME_PER_TP_SEARCH, found=found)
+                                    deterministic_budget=effort * (DETERMINISTIC_TIME_PER_SEARCH if result is None
+                                                                   else DETERMINISTIC_TIME_PER_TP_SEARCH),
+                                    found=found)
             if result is not None and tp_result is not None:
                 tp_result = (*tp_result[:2], result[2] and tp_result[2], min(result[3], tp_result[3]),
                              result[4] + tp_result[4], result[5] or tp_result[5])

@@ -241,6 +241,16 @@ def _time_unit(step_s: float) -> tuple[float, str]:
     return 1e6, "us"
 
 
+def preload() -> None:
+    """Import and warm up what :func:`timeline_png` draws with (matplotlib: about half a second),
+    ahead of the drawing (NOTE: [planner process] in hetcompile/planner_process.py)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1, 1))
+    fig.subplots().set_title("warm-up")
+    fig.savefig(io.BytesIO(), format="png", dpi=10)
+
+
 def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> bytes:
     """The timeline as a PNG: a Gantt chart per rank and each rank's device memory against capacity.
 

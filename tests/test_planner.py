@@ -610,3 +610,44 @@ def test_bound_searches_stopped_at_once_print_nothing():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(__file__))
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_planner_process_answers_as_the_calls_do_and_stops_quietly():
+    """The planner process (NOTE: [planner process]) gives what the calls give in one process,
+    raises the planner's UserError as such, and, left at once under the CLI's SIGTERM handler
+    (the compiler failing, or Ctrl-C, while it still imports), ends without a word, leaving no process."""
+    script = textwrap.dedent("""
+        import dataclasses, multiprocessing, signal
+        import pytest
+        from test_planner import make_cluster, make_costs
+        from hetcompile.baselines import per_type_samples_per_s
+        from hetcompile.errors import UserError
+        from hetcompile.planner import solve
+        from hetcompile.planner_process import PlannerProcess
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, interrupt)  # as hetcompile.cli does
+        costs, cluster = make_costs(4, global_batch=8), make_cluster([2], [2])
+        with PlannerProcess() as p:
+            p.start_bound(costs, cluster, schedule="auto", seed=0)
+            seen = []
+            (decision, report), (expected, expected_report) = (
+                p.solve(costs, cluster, schedule="auto", on_progress=lambda *a: seen.append(a)),
+                solve(costs, cluster, schedule="auto"))
+            assert decision == expected and seen
+            assert dataclasses.replace(report, wall_s=0) == dataclasses.replace(expected_report, wall_s=0)
+            assert p.bound() == per_type_samples_per_s(costs, cluster, schedule="auto")
+            with pytest.raises(UserError, match="pp"):
+                p.solve(costs, cluster, pp=99)
+        for i in range(30):
+            try:
+                with PlannerProcess() as p:
+                    if i % 2:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                pass
+        assert not multiprocessing.active_children()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(__file__))
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr

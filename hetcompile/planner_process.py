@@ -1,0 +1,176 @@
+"""The planner's own process: the search, HetHub's bound and the timeline's drawing, beside the capture.
+
+NOTE: [planner process] Capture and the passes run on one core: they are imports (torch,
+transformers, torch._dynamo) and tracing. The search needs neither torch nor the graph, only
+the blocks' costs, but its own imports (OR-Tools, which imports pandas) and the timeline's
+(matplotlib) take about a second on a slow CPU. :class:`PlannerProcess` forks a process before
+capture that imports them on the other core while the model is traced; the compiler then
+sends it the costs, gets the decision back, lowers the graph itself, and sends the plan to be
+drawn. The per-type searches of the bound (NOTE: [searches side by side] in
+hetcompile/baselines.py) are forked from it. Every result is what the same calls give in one
+process: the searches stop at deterministic budgets.
+
+Where forking is not there (or inside a daemonic process, which may not have children) the
+same calls run in the caller's process, one after the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import signal
+import sys
+import traceback
+
+from hetcompile.errors import UserError
+
+_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class _Planner:
+    """What the planner process does with each request; also run in the caller where it cannot fork."""
+
+    def __init__(self):
+        # The imports that the process is there to take off the compiler's path.
+        from hetcompile import baselines, planner, timeline
+
+        timeline.preload()
+        self._baselines, self._planner, self._timeline = baselines, planner, timeline
+        self._stack = contextlib.ExitStack()
+        self._per_type = None
+
+    def start_bound(self, costs, cluster, schedule: str, seed: int) -> None:
+        """Start the per-type searches of HetHub's bound (forked from here)."""
+        self._per_type = self._stack.enter_context(
+            self._baselines.per_type_beside(costs, cluster, schedule=schedule, seed=seed))
+
+    def solve(self, costs, cluster, decision, kwargs, on_progress):
+        """The planner's decision and report; a pinned ``decision`` is returned as is."""
+        if decision is not None:
+            return decision, self._planner.SolverReport(status="PINNED", gap=0.0, objective_s=0.0,
+                                                        best_bound_s=0.0, wall_s=0.0, num_variables=0)
+        return self._planner.solve(costs, cluster, on_progress=on_progress, **kwargs)
+
+    def draw(self, plan) -> dict:
+        return self._timeline.timeline_files(plan)
+
+    def bound(self) -> dict[str, float]:
+        return self._per_type()
+
+    def close(self) -> None:
+        self._stack.close()  # stops bound searches still running
+
+
+def _serve(conn, compiler_end) -> None:
+    """The planner process: answer requests until the compiler closes its end of the pipe."""
+    compiler_end.close()  # inherited across the fork: open here, the compiler's close would not end the pipe
+    # Ctrl-C reaches the whole process group: the compiler handles it and closes the pipe.
+    # SIGTERM (the compiler's close, when the pipe is not enough) unwinds, so the bound's
+    # searches are stopped too. Both were blocked across the fork (see PlannerProcess).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    planner = None
+    try:
+        planner = _Planner()
+        while True:
+            try:
+                name, args = conn.recv()
+            except EOFError:
+                return
+            try:
+                if name == "solve":
+                    result = planner.solve(*args, on_progress=lambda *p: conn.send(("progress", p)))
+                else:
+                    result = getattr(planner, name)(*args)
+                conn.send(("ok", result))
+            except UserError as e:
+                conn.send(("user_error", str(e)))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+    except (SystemExit, OSError):  # terminated, or the compiler went away mid-request (a broken pipe)
+        pass
+    finally:
+        if planner is not None:
+            planner.close()
+
+
+class PlannerProcess:
+    """The compiler's handle on the planner process (NOTE: [planner process]); a context manager.
+
+    Each method sends one request and waits for its answer; :class:`UserError`s come back
+    as they were raised.
+    """
+
+    def __init__(self):
+        self._conn = self._process = self._local = None
+        if "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
+            self._local = _Planner()
+            return
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child = ctx.Pipe()
+        # Blocked across the fork: a signal before the child has its handlers waits for them.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            self._process = ctx.Process(target=_serve, args=(child, self._conn), name="hetcompile-planner")
+            self._process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        child.close()
+
+    def __enter__(self) -> PlannerProcess:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(at_once=exc_type is not None)
+
+    def _call(self, name: str, *args, on_progress=None):
+        if self._local is not None:
+            if name == "solve":
+                return self._local.solve(*args, on_progress=on_progress)
+            return getattr(self._local, name)(*args)
+        self._conn.send((name, args))
+        while True:
+            try:
+                kind, value = self._conn.recv()
+            except EOFError:
+                raise RuntimeError(f"hetcompile's planner process died (exit code {self._process.exitcode}) "
+                                   f"during {name}") from None
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(*value)
+                continue
+            if kind == "user_error":
+                raise UserError(value)
+            if kind == "error":
+                raise RuntimeError(f"hetcompile's planner process failed during {name}:\n{value}")
+            return value
+
+    def start_bound(self, costs, cluster, *, schedule: str, seed: int) -> None:
+        """Start HetHub's per-type searches (:func:`hetcompile.baselines.per_type_beside`)."""
+        self._call("start_bound", costs, cluster, schedule, seed)
+
+    def solve(self, costs, cluster, *, decision=None, on_progress=None, **kwargs):
+        """:func:`hetcompile.planner.solve` (or a pinned ``decision`` as is): (decision, SolverReport)."""
+        return self._call("solve", costs, cluster, decision, kwargs, on_progress=on_progress)
+
+    def draw(self, plan) -> dict:
+        """:func:`hetcompile.timeline.timeline_files` of ``plan`` (its sources are not sent)."""
+        return self._call("draw", dataclasses.replace(plan, sources={}))
+
+    def bound(self) -> dict[str, float]:
+        """Wait for the per-type searches: each device type's throughput alone."""
+        return self._call("bound")
+
+    def close(self, *, at_once: bool = False) -> None:
+        """End the process (and the bound's searches); ``at_once`` does not wait for a request in
+        progress (after an error or Ctrl-C in the compiler)."""
+        if self._local is not None:
+            self._local.close()
+            return
+        self._conn.close()  # between requests, the process ends at the end of the pipe
+        self._process.join(timeout=0 if at_once else 5)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
