@@ -162,9 +162,9 @@ def _compile(planner: PlannerProcess, mf: ModelFile, clu, timings: dict, progres
                   "wall_limit_hit": report.wall_limit_hit}
         plan = lower(cap, decision, clu, schedule=schedule, seed=seed, model_file=mf.name,
                      block_names=[b.name for b in costs.blocks], predicted=predicted, solver=solver,
-                     model_source=mf.source_text(), data_files=mf.data_files)
-    with _phase("draw", timings, progress):
-        plan = dataclasses.replace(plan, sources={**plan.sources, **planner.draw(plan)})
+                     model_source=mf.source_text(), data_files=mf.data_files, before_emit=planner.start_draw)
+    with _phase("draw", timings, progress):  # drawn in the planner process while the programs were emitted
+        plan = dataclasses.replace(plan, sources={**plan.sources, **planner.drawn()})
     with _phase("bound", timings, progress):
         upper_bound = sum(planner.bound().values())
     predicted["upper_bound_samples_per_s"] = upper_bound

@@ -38,8 +38,11 @@ from passes.partition_ops import partition, rank_graph
 
 def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_file: str,
           block_names: list[str], predicted: dict, solver: dict, model_source: str,
-          data_files: dict[str, bytes] | None = None) -> Plan:
-    """Apply ``decision`` to the captured graph and return the plan with its emitted sources."""
+          data_files: dict[str, bytes] | None = None, before_emit=None) -> Plan:
+    """Apply ``decision`` to the captured graph and return the plan with its emitted sources.
+
+    ``before_emit(plan)``, when given, is called with the plan before its programs are emitted
+    (the compiler has the timeline drawn meanwhile)."""
     stage_of = assign_stages(cap.gm, decision)
     replicate_shared(cap, stage_of)
     localize_sizes(cap, stage_of)
@@ -59,6 +62,8 @@ def lower(cap: Captured, decision, cluster, *, schedule: str, seed: int, model_f
                 microbatch_size=decision.microbatch_size, schedule=schedule, cluster=cluster_json,
                 stages=tuple(stages), ranks=tuple(ranks), values=tuple(values), grad_groups=tuple(groups),
                 loss=loss, idle_devices=tuple(idle), predicted=predicted, solver=solver)
+    if before_emit is not None:
+        before_emit(plan)
     sources: dict = {f"{stage_module(s, j)}.py": emit_stage(plan, s, g, j)
                      for s in stages for j, g in enumerate(member_graphs[s.index])}
     sources.update({f"rank_{r.rank}.py": emit_rank(plan, r, actions[r.stages[0] % len(actions)]) for r in ranks})

@@ -773,7 +773,11 @@ def _best_shares_search(problem: _Problem, num_stages: int, s: int, first: int, 
     def capacity(z: int) -> int:
         return sum(c * min(cap, max(0, z - x) // t) for c, cap, t, x in active)
 
-    lo, hi = 0, max(cap * t + x for c, cap, t, x in active)
+    if len(active) == 1:  # one kind (as in every stage of one type): its c groups take ceil(b / c) samples each
+        (c, _, t, x), = active
+        lo = hi = x + -(-b // c) * t
+    else:
+        lo, hi = 0, max(cap * t + x for c, cap, t, x in active)
     while lo < hi:
         mid = (lo + hi) // 2
         if capacity(mid) >= b:

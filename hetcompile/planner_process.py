@@ -99,12 +99,13 @@ def _serve(conn, compiler_end) -> None:
 class PlannerProcess:
     """The compiler's handle on the planner process (NOTE: [planner process]); a context manager.
 
-    Each method sends one request and waits for its answer; :class:`UserError`s come back
-    as they were raised.
+    Each method sends one request and waits for its answer (:meth:`start_draw` waits in
+    :meth:`drawn`); :class:`UserError`s come back as they were raised.
     """
 
     def __init__(self):
         self._conn = self._process = self._local = None
+        self._answers = []  # in the caller's process: the answers of requests made, in order
         if "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
             self._local = _Planner()
             return
@@ -126,11 +127,21 @@ class PlannerProcess:
         self.close(at_once=exc_type is not None)
 
     def _call(self, name: str, *args, on_progress=None):
+        self._send(name, *args, on_progress=on_progress)
+        return self._receive(name, on_progress=on_progress)
+
+    def _send(self, name: str, *args, on_progress=None) -> None:
+        if self._local is None:
+            self._conn.send((name, args))
+        elif name == "solve":
+            self._answers.append(self._local.solve(*args, on_progress=on_progress))
+        else:
+            self._answers.append(getattr(self._local, name)(*args))
+
+    def _receive(self, name: str, *, on_progress=None):
+        """The answer to the oldest request not yet answered (the process answers in order)."""
         if self._local is not None:
-            if name == "solve":
-                return self._local.solve(*args, on_progress=on_progress)
-            return getattr(self._local, name)(*args)
-        self._conn.send((name, args))
+            return self._answers.pop(0)
         while True:
             try:
                 kind, value = self._conn.recv()
@@ -155,9 +166,13 @@ class PlannerProcess:
         """:func:`hetcompile.planner.solve` (or a pinned ``decision`` as is): (decision, SolverReport)."""
         return self._call("solve", costs, cluster, decision, kwargs, on_progress=on_progress)
 
-    def draw(self, plan) -> dict:
-        """:func:`hetcompile.timeline.timeline_files` of ``plan`` (its sources are not sent)."""
-        return self._call("draw", dataclasses.replace(plan, sources={}))
+    def start_draw(self, plan) -> None:
+        """Have :func:`hetcompile.timeline.timeline_files` draw ``plan`` (its sources are not sent)
+        while the caller goes on; :meth:`drawn` waits for the files."""
+        self._send("draw", dataclasses.replace(plan, sources={}))
+
+    def drawn(self) -> dict:
+        return self._receive("draw")
 
     def bound(self) -> dict[str, float]:
         """Wait for the per-type searches: each device type's throughput alone."""
