@@ -82,7 +82,7 @@ def run_row(model: str, num_gpus: int, tmp: Path) -> dict:
 
 
 HEADER = ("| model | layers | GPUs | wall s (process, median) | every run s | phases (median run) | peak RSS GiB "
-          "| largest bound search's peak RSS GiB | stages | ranks | solver | target |")
+          "| largest child's peak RSS GiB | stages | ranks | solver | target |")
 RULE = "|" + "---|" * (HEADER.count("|") - 1)
 
 
@@ -127,10 +127,11 @@ def main() -> int:
             f" --repeats {args.repeats}`" if args.repeats != 3 else "`")
         lines = [SECTION, "", f"Produced by {command} on the 2-core development machine (1-minute load average "
                  f"{load_at_start:.2f} at the start; others' jobs would inflate the times). Wall time is the whole "
-                 "`hetcompile` process, imports included. HetHub's bound is searched in forked processes, one "
-                 "per device type, beside the plan's search (`bound`: the wait for them after the emit and the "
-                 "draw of the timeline); their pages are shared with the compiler's until written, so their peak "
-                 "RSS mostly overlaps its own.",
+                 "`hetcompile` process, imports included. The planner runs in a process forked before the capture "
+                 "(NOTE: [planner process] in hetcompile/planner_process.py), which forks one more per device type "
+                 "for HetHub's bound (`bound`: the wait for them after the emit and the draw of the timeline); "
+                 "children share the compiler's pages until they write them, so their peak RSS mostly overlaps "
+                 "its own.",
                  "", HEADER, RULE] + [fmt(r) for r in results] + [""]
         _write_any_section("\n".join(lines), SECTION)
     return 0

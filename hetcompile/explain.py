@@ -26,9 +26,8 @@ import textwrap
 from cost_models.cluster import load_cluster
 from cost_models.roofline import COMPUTE_EFFICIENCY, MEMORY_EFFICIENCY, block_time_s
 from hetcompile.errors import UserError
-from hetcompile.inspection import layer_ranges
 from hetcompile.predict import link, predict
-from hetcompile.report import format_bytes, format_devices, format_rate, format_time, format_tp
+from hetcompile.report import format_bytes, format_devices, format_rate, format_time, format_tp, layer_ranges
 from hetcompile.timeline import busiest_stage, plan_timeline
 
 __all__ = ["explain", "format_explain"]

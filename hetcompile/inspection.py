@@ -13,10 +13,9 @@ dict as text, so the terminal and the JSON can never disagree.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
-from hetcompile.report import format_bytes, format_rate, format_time, format_tp
+from hetcompile.report import format_bytes, format_rate, format_time, format_tp, layer_ranges
 
 __all__ = ["diff_plans", "format_inspect", "inspect_plan", "layer_ranges"]
 
@@ -95,29 +94,6 @@ def _cluster_counts(cluster: dict) -> dict[str, int]:
     for node in cluster["nodes"]:
         counts[node["device"]] += node["count"]
     return dict(sorted(counts.items()))
-
-
-_NUMBERED = re.compile(r"^(.*?)(\d+)$")
-
-
-def layer_ranges(names) -> str:
-    """Block names, shortened: runs of numbered layers become one range.
-
-    >>> layer_ranges(["pre: transformer.wte, ...", "transformer.h.0", "transformer.h.1", "transformer.h.2", "post"])
-    'pre, transformer.h.0-2, post'
-    """
-    out: list[list] = []  # [prefix, first, last] or [name]
-    for full in names:
-        name = full.split(":")[0].strip()  # "pre: a, b, ..." -> "pre": the full list is in plan.json
-        m = _NUMBERED.match(name)
-        if m and out and len(out[-1]) == 3 and out[-1][0] == m.group(1) and out[-1][2] + 1 == int(m.group(2)):
-            out[-1][2] = int(m.group(2))
-        elif m:
-            out.append([m.group(1), int(m.group(2)), int(m.group(2))])
-        else:
-            out.append([name])
-    return ", ".join(p[0] if len(p) == 1 else f"{p[0]}{p[1]}" if p[1] == p[2] else f"{p[0]}{p[1]}-{p[2]}"
-                     for p in out)
 
 
 def _pct(x: float | None) -> str:

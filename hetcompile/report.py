@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections import Counter
 
@@ -26,6 +27,29 @@ def format_shares(shares) -> str:
         else:
             runs.append([s, 1])
     return " + ".join(f"{s} x{n}" if n > 1 else str(s) for s, n in runs)
+
+
+_NUMBERED = re.compile(r"^(.*?)(\d+)$")
+
+
+def layer_ranges(names) -> str:
+    """Block names, shortened: runs of numbered layers become one range.
+
+    >>> layer_ranges(["pre: transformer.wte, ...", "transformer.h.0", "transformer.h.1", "transformer.h.2", "post"])
+    'pre, transformer.h.0-2, post'
+    """
+    out: list[list] = []  # [prefix, first, last] or [name]
+    for full in names:
+        name = full.split(":")[0].strip()  # "pre: a, b, ..." -> "pre": the full list is in plan.json
+        m = _NUMBERED.match(name)
+        if m and out and len(out[-1]) == 3 and out[-1][0] == m.group(1) and out[-1][2] + 1 == int(m.group(2)):
+            out[-1][2] = int(m.group(2))
+        elif m:
+            out.append([m.group(1), int(m.group(2)), int(m.group(2))])
+        else:
+            out.append([name])
+    return ", ".join(p[0] if len(p) == 1 else f"{p[0]}{p[1]}" if p[1] == p[2] else f"{p[0]}{p[1]}-{p[2]}"
+                     for p in out)
 
 
 def format_ranges(indices) -> str:
@@ -105,17 +129,14 @@ def summary(plan) -> str:
     for st, pred in zip(plan.stages, plan.predicted["stages"]):
         types = [by_rank[r].device_type for r in st.ranks]
         # "pre: transformer.wte, ..." -> "pre": the full names are in stage_S.py and plan.json.
-        first, last = (n.split(":")[0] for n in (st.block_names[0], st.block_names[-1]))
-        blocks = first if first == last else f"{first} .. {last}"
-        count = st.last_block - st.first_block + 1
-        blocks = f"{blocks[:30]} ({count} block{'s' if count > 1 else ''})"
+        blocks = layer_ranges(st.block_names)
         shares = format_shares(st.shares)
         devices = format_devices(types) + (f", {format_tp(st.tp, st.tp_parts)}" if st.tp > 1 else "")
         if st.tp > 1:
             shares = format_shares(st.shares[::st.tp]) + " per group"
         rows.append((st.index, devices, blocks, shares, format_time(pred["fwd_s"] + pred["bwd_s"])))
     width = max([24] + [len(r[1]) for r in rows]) + 2
-    lines.append(f"  {'stage':<6}{'devices':<{width}}{'blocks':<44}{'samples/micro-batch':<22}{'fwd+bwd':>10}")
+    lines.append(f"  {'stage':<6}{'devices':<{width}}{'layers':<44}{'samples/micro-batch':<22}{'fwd+bwd':>10}")
     for index, devices, blocks, shares, time_text in rows:
         lines.append(f"  {index:<6}{devices:<{width}}{blocks:<44}{shares:<22}{time_text:>10}")
     p = plan.predicted
