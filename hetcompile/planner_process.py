@@ -5,8 +5,8 @@ transformers, torch._dynamo) and tracing. The search needs neither torch nor the
 the blocks' costs, but its own imports (OR-Tools, which imports pandas) and the timeline's
 (matplotlib) take about a second on a slow CPU. :class:`PlannerProcess` forks a process before
 capture that imports them on the other core while the model is traced; the compiler then
-sends it the costs, gets the decision back, lowers the graph itself, and sends the plan to be
-drawn. The per-type searches of the bound (NOTE: [searches side by side] in
+sends it the costs, gets the decision back, and lowers the graph itself; the process draws the
+timeline while the compiler emits the rank programs. The per-type searches of the bound (NOTE: [searches side by side] in
 hetcompile/baselines.py) are forked from it. Every result is what the same calls give in one
 process: the searches stop at deterministic budgets.
 

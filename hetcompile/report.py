@@ -7,8 +7,9 @@ import textwrap
 from collections import Counter
 
 # The phases of a compile, in order ("[k/6]" progress lines, the summary's "compile:" line).
-# "draw" (the timeline) and "bound" (the wait for HetHub's upper bound) run while the bound's
-# searches, started before the solve, finish beside them.
+# "draw" (the wait for the timeline, drawn while "emit" runs) and "bound" (the wait for HetHub's
+# upper bound, whose searches start before the solve) are mostly waits: both run in the planner's
+# process (NOTE: [planner process] in hetcompile/planner_process.py).
 PHASES = ("capture", "passes", "solve", "emit", "draw", "bound")
 
 
