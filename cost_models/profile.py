@@ -81,6 +81,9 @@ class CommProfile:
     allreduce_latency_s: float
     allreduce_bw_bytes_per_s: float
     samples: tuple[tuple[str, int, float], ...] = ()  # (kind, bytes, seconds)
+    # Mean seconds a rank's main thread spends posting one send or receive while the ranks
+    # compute (NOTE: [posting a transfer]); 0 in profiles written before it was measured.
+    p2p_post_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ class DeviceProfile:
                            "p2p_latency_s": c.p2p_latency_s, "p2p_bw_bytes_per_s": c.p2p_bw_bytes_per_s,
                            "allreduce_latency_s": c.allreduce_latency_s,
                            "allreduce_bw_bytes_per_s": c.allreduce_bw_bytes_per_s,
+                           "p2p_post_s": c.p2p_post_s,
                            "samples": [{"kind": k, "bytes": b, "time_s": t} for k, b, t in c.samples]}
         return out
 
@@ -230,6 +234,7 @@ class DeviceProfile:
                     p2p_bw_bytes_per_s=_positive(c["p2p_bw_bytes_per_s"]),
                     allreduce_latency_s=_non_negative(c["allreduce_latency_s"]),
                     allreduce_bw_bytes_per_s=_positive(c["allreduce_bw_bytes_per_s"]),
+                    p2p_post_s=_non_negative(c.get("p2p_post_s", 0.0)),
                     samples=tuple((s["kind"], int(s["bytes"]), float(s["time_s"])) for s in c.get("samples", ())))
             rates = tuple((k, _positive(v)) for k, v in sorted(d["matmul_flops_per_s"].items()))
             if not rates:
@@ -478,6 +483,7 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
         if rank == 0:
             at = time.perf_counter()
             work = dist.isend(x, 1)
+            posts.append(time.perf_counter() - at)
             compute_gap()
             work.wait()
         elif rank == 1:
@@ -488,7 +494,7 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
             at = 0.0
         return at
 
-    samples = []
+    samples, posts = [], []
     dist.barrier()
     # NOTE: [collectives as a step meets them] In training a collective or a transfer comes after
     # compute, with every rank's communication threads idle since the last one; one right after
@@ -523,7 +529,15 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
                 all_reduce(x)  # as the ranks do (NOTE: [polling collectives])
                 sync()
                 rounds.append(time.perf_counter() - start)
-            if kind == "p2p":  # rank 1 holds the arrivals, rank 0 the departures
+            if kind == "p2p":
+                # NOTE: [posting a transfer] Posting a send takes the sender's main thread a
+                # median of about 0.1 ms on the development VM, but now and then a scheduler tick
+                # (gloo's loop thread waiting for a core): 3-11% of posts took over 1 ms, means of
+                # 0.2-0.56 ms. A step pays every post, so the plain mean of the sends posted after
+                # compute, while the receiver computes too, leaving out the warm-up rounds.
+                samples.append(("p2p_post", x.numel() * 4, sum(posts[2:]) / max(len(posts) - 2, 1)))
+                posts.clear()
+                # rank 1 holds the arrivals, rank 0 the departures
                 stamps = torch.tensor(rounds, dtype=torch.float64)
                 both = [torch.zeros_like(stamps) for _ in range(world)]
                 dist.all_gather(both, stamps)
@@ -576,6 +590,7 @@ def measure_comm(num_ranks: int, device: str = "cpu", repeats: int = 7) -> CommP
         mp.spawn(_comm_worker, args=(num_ranks, _free_port(), device, out_file, repeats), nprocs=num_ranks)
         samples = [tuple(s) for s in json.loads(Path(out_file).read_text())]
     p2p_lat, p2p_bw = _latency_and_bw([(b, t) for k, b, t in samples if k == "p2p"])
+    posts = [t for k, _, t in samples if k == "p2p_post"]
     ar_lat, ar_rate = _latency_and_bw([(b, t) for k, b, t in samples if k == "allreduce"])
     # Ring: t = 2(n-1) latency + 2(n-1)/n bytes / bw, so the per-link numbers are:
     n = num_ranks
@@ -583,6 +598,7 @@ def measure_comm(num_ranks: int, device: str = "cpu", repeats: int = 7) -> CommP
                        p2p_latency_s=max(p2p_lat, 1e-9), p2p_bw_bytes_per_s=p2p_bw,
                        allreduce_latency_s=max(ar_lat / (2 * (n - 1)), 1e-9),
                        allreduce_bw_bytes_per_s=ar_rate * 2 * (n - 1) / n,
+                       p2p_post_s=sum(posts) / len(posts) if posts else 0.0,
                        samples=tuple((k, int(b), float(t)) for k, b, t in samples))
 
 
@@ -664,4 +680,6 @@ def summary(profile: DeviceProfile) -> str:
                      f"({c.backend}, {c.num_ranks} ranks)")
         lines.append(f"all-reduce   {c.allreduce_latency_s * 1e6:10.2f} us + bytes / "
                      f"{c.allreduce_bw_bytes_per_s / 1e9:.2f} GB/s per ring link")
+        if c.p2p_post_s > 0:
+            lines.append(f"posting      {c.p2p_post_s * 1e6:10.2f} us of the rank's own time per send or receive")
     return "\n".join(lines)

@@ -46,8 +46,11 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
                                                  st.devices[i:i + tp]) for b in blocks)
                             for i in range(0, len(st.devices), tp))
             f_s, b_s = f_s + tp_comm_s, b_s + tp_comm_s
-        fwd.append(f_s)
-        bwd.append(b_s + (f_s if st.recompute else 0.0))  # recompute: forward again
+        # NOTE: [posting a transfer] in cost_models/profile.py: each send or receive this stage posts
+        # (one per cut and direction) takes its rank's own time.
+        posts = _post_s(st, cluster) * ((s > 0) + (s + 1 < len(stages)))
+        fwd.append(f_s + posts)
+        bwd.append(b_s + (f_s if st.recompute else 0.0) + posts)  # recompute: forward again
         if s + 1 < len(stages):
             out_bytes = _cut_rows(st, stages[s + 1]) * costs.blocks[st.last_block].out_bytes_per_sample
             bw, lat = link(cluster, st.devices, stages[s + 1].devices)
@@ -99,6 +102,14 @@ def _member_compute_s(st, costs: ModelCosts, cluster) -> list[tuple[float, float
                            share * sum(p[1] * y for p, y in zip(per, x)) + sum(o[1] for o in fixed))
         out.append(priced[key])
     return out
+
+
+def _post_s(st, cluster) -> float:
+    """Seconds a rank of the stage spends posting one send or receive: measured on the runtime
+    (a profile with links), else 0, like the notices."""
+    devices = cluster.devices
+    comms = [cluster.type_of(devices[d].type).profile for d in st.devices]
+    return max((p.comm.p2p_post_s for p in comms if p is not None and p.comm is not None), default=0.0)
 
 
 def _cut_rows(producer, consumer) -> int:

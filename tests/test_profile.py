@@ -274,3 +274,19 @@ def test_a_receive_posted_late_waits_for_its_notice_to_reach_the_sender():
     # data, ready at 0.3 s, leaves at 0.85 + 0.25 and arrives at 1.6 s. Without notices: 0.8 s.
     assert start[None][1, "F", 2] == pytest.approx(0.8)
     assert start[0.25][1, "F", 2] == pytest.approx(1.6)
+
+def test_posting_a_transfer_takes_the_ranks_own_time():
+    # NOTE: [posting a transfer]: each send or receive a stage posts, one per cut and direction,
+    # adds the profile's p2p_post_s to its forward and its backward; a profile without it adds nothing.
+    posting = _profile()
+    posting = dataclasses.replace(posting, comm=dataclasses.replace(posting.comm, p2p_post_s=1e-3))
+    costs = _costs(num_blocks=3, batch=4)
+    decision = PlanDecision(stages=tuple(StageDecision(b, b, (b,), (4,)) for b in range(3)), num_microbatches=1,
+                            microbatch_size=4)
+    times = {}
+    for name, p in (("without", _profile()), ("with", posting)):
+        cluster = load_cluster({"nodes": [{"device": "CPU", "count": 3}], "devices": {"CPU": {"profile": p.to_json()}}})
+        times[name] = stage_times(decision, costs, cluster)
+    for key in ("fwd_s", "bwd_s"):  # the middle stage posts both ways
+        assert [w - wo for w, wo in zip(times["with"][key], times["without"][key])] == pytest.approx([1e-3, 2e-3, 1e-3])
+    assert DeviceProfile.from_json(json.loads(json.dumps(posting.to_json()))) == posting  # kept in the file
