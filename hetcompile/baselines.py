@@ -29,6 +29,7 @@ from cost_models.roofline import block_time_s
 from hetcompile.errors import UserError
 from hetcompile.ir import ModelCosts
 from hetcompile.planner import PlanDecision, StageDecision, solve
+from hetcompile.planner_process import FORK_BLOCKED_SIGNALS
 from hetcompile.predict import predict
 
 logger = logging.getLogger(__name__)
@@ -197,9 +198,6 @@ def _alone_samples_per_s(costs: ModelCosts, cluster: Cluster, name: str, num_mic
     return samples_per_s(decision, costs, sub, decision.schedule)
 
 
-_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
 def _bound_worker() -> None:
     """A forked per-type search: low priority; stopped by its parent (terminate), not by the
     parent's signal handlers (the CLI turns SIGTERM into a clean exit of its own); Ctrl-C is the
@@ -208,7 +206,7 @@ def _bound_worker() -> None:
     os.nice(10)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED_SIGNALS)
 
 
 @contextlib.contextmanager
@@ -233,7 +231,7 @@ def per_type_beside(costs: ModelCosts, cluster: Cluster, *, num_microbatches: in
     if "fork" not in multiprocessing.get_all_start_methods() or multiprocessing.current_process().daemon:
         yield lambda: {name: _alone_samples_per_s(*a) for name, a in zip(names, args)}
         return
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED_SIGNALS)
     try:
         pool = multiprocessing.get_context("fork").Pool(len(names), initializer=_bound_worker)
     finally:

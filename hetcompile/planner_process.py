@@ -25,7 +25,9 @@ import traceback
 
 from hetcompile.errors import UserError
 
-_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# Blocked across a fork (here and for the bound's searches, hetcompile/baselines.py), so a signal
+# that comes before the child has set its handlers waits for them instead of meeting the parent's.
+FORK_BLOCKED_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class _Planner:
@@ -70,7 +72,7 @@ def _serve(conn, compiler_end) -> None:
     # searches are stopped too. Both were blocked across the fork (see PlannerProcess).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED_SIGNALS)
     planner = None
     try:
         planner = _Planner()
@@ -112,7 +114,7 @@ class PlannerProcess:
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
         # Blocked across the fork: a signal before the child has its handlers waits for them.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED_SIGNALS)
         try:
             self._process = ctx.Process(target=_serve, args=(child, self._conn), name="hetcompile-planner")
             self._process.start()

@@ -104,12 +104,17 @@ def _member_compute_s(st, costs: ModelCosts, cluster) -> list[tuple[float, float
     return out
 
 
+def _measured_links(cluster, device: int):
+    """The links measured on the runtime for a device's type (its profile's ``comm``), or None."""
+    profile = cluster.type_of(cluster.devices[device].type).profile
+    return profile.comm if profile is not None else None
+
+
 def _post_s(st, cluster) -> float:
     """Seconds a rank of the stage spends posting one send or receive: measured on the runtime
     (a profile with links), else 0, like the notices."""
-    devices = cluster.devices
-    comms = [cluster.type_of(devices[d].type).profile for d in st.devices]
-    return max((p.comm.p2p_post_s for p in comms if p is not None and p.comm is not None), default=0.0)
+    links = [_measured_links(cluster, d) for d in st.devices]
+    return max((c.p2p_post_s for c in links if c is not None), default=0.0)
 
 
 def _cut_rows(producer, consumer) -> int:
@@ -124,10 +129,7 @@ def _cut_rows(producer, consumer) -> int:
 def _notices(decision, cluster, notice_fwd, notice_bwd) -> dict[str, list[float]]:
     """The receive notices (NOTE: [receives posted in program order]) when every device's links were
     measured on the runtime (a profile with links): the datasheet model leaves them out."""
-    devices = cluster.devices
-    measured = all(cluster.type_of(devices[d].type).profile is not None
-                   and cluster.type_of(devices[d].type).profile.comm is not None
-                   for st in decision.stages for d in st.devices)
+    measured = all(_measured_links(cluster, d) is not None for st in decision.stages for d in st.devices)
     return {"notice_fwd_s": notice_fwd, "notice_bwd_s": notice_bwd} if measured else {}
 
 
