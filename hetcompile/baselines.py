@@ -43,8 +43,8 @@ _BASELINE_TIME_LIMIT_S = 120.0
 # deterministic budgets (``solve(..., effort=...)``). One type has no type assignment to search,
 # and its searches settle early: at half the budget the per-type throughputs of every sub-cluster
 # of benchmarks/plan_quality.py (42 searches) and of Llama-3 8B on 64 GPUs were the same to the last
-# digit as at the full budget, for 15% less CPU on the former and about a third less on the latter
-# (4.6 to 3.0 s of CPU), which the compile command spends beside its own search on a 2-core machine.
+# digit as at the full budget, for 15% less CPU on the former and a quarter to a third less on the
+# latter (4.6-4.7 to 3.0-3.5 s, two runs), which the compile command spends beside its own search.
 # Of the examples/ models on their example clusters, four of five gave the same bound; GPT-2 large
 # on H100+A100+T4 one 0.07% lower (efficiency 0.9208 to 0.9214). A search stopped short can only
 # lower the bound (flattering the plan's efficiency), so this is the one place where the budget is
