@@ -12,6 +12,14 @@ process: the searches stop at deterministic budgets.
 
 Where forking is not there (or inside a daemonic process, which may not have children) the
 same calls run in the caller's process, one after the other.
+
+The process and the bound's searches form a process group of their own. The compiler ends them
+by closing its end of the pipe (the process stops the searches and exits) and, where that is not
+enough or not waited for (an error or Ctrl-C in the compiler), by SIGKILL to the group: nothing in
+them has to cooperate, so a search stuck anywhere cannot keep the compiler waiting. (An earlier
+SIGTERM that raised SystemExit in the process, wherever it was, hung a CI run once: it could land
+in the middle of stopping the searches.) Being outside the terminal's foreground group, the
+process never sees the terminal's Ctrl-C; the compiler handles it.
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing
+import os
 import signal
-import sys
 import traceback
 
 from hetcompile.errors import UserError
@@ -67,11 +75,11 @@ class _Planner:
 def _serve(conn, compiler_end) -> None:
     """The planner process: answer requests until the compiler closes its end of the pipe."""
     compiler_end.close()  # inherited across the fork: open here, the compiler's close would not end the pipe
-    # Ctrl-C reaches the whole process group: the compiler handles it and closes the pipe.
-    # SIGTERM (the compiler's close, when the pipe is not enough) unwinds, so the bound's
-    # searches are stopped too. Both were blocked across the fork (see PlannerProcess).
+    _own_group(0)  # before the bound's searches are forked, so they are in it too
+    # Blocked across the fork (see PlannerProcess): until here, a signal would have met the
+    # compiler's handlers. Ctrl-C is the compiler's; a SIGTERM sent here ends the process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED_SIGNALS)
     planner = None
     try:
@@ -91,7 +99,7 @@ def _serve(conn, compiler_end) -> None:
                 conn.send(("user_error", str(e)))
             except Exception:
                 conn.send(("error", traceback.format_exc()))
-    except (SystemExit, OSError):  # terminated, or the compiler went away mid-request (a broken pipe)
+    except OSError:  # the compiler went away mid-request (a broken pipe)
         pass
     finally:
         if planner is not None:
@@ -120,6 +128,7 @@ class PlannerProcess:
             self._process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _own_group(self._process.pid)  # here too, so a close that comes first finds the group
         child.close()
 
     def __enter__(self) -> PlannerProcess:
@@ -187,7 +196,16 @@ class PlannerProcess:
             self._local.close()
             return
         self._conn.close()  # between requests, the process ends at the end of the pipe
-        self._process.join(timeout=0 if at_once else 5)
+        if not at_once:
+            self._process.join(timeout=5)
         if self._process.is_alive():
-            self._process.terminate()
-            self._process.join()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)  # the process and the bound's searches
+        self._process.join()
+
+
+def _own_group(pid: int) -> None:
+    """Make ``pid`` (0: the caller) the leader of a process group of its own; called on both sides
+    of the fork, as shells do, so the group exists whichever runs first."""
+    with contextlib.suppress(OSError):  # the other side did it, or the process has ended
+        os.setpgid(pid, 0)
