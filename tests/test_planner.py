@@ -651,3 +651,47 @@ def test_planner_process_answers_as_the_calls_do_and_stops_quietly():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(__file__))
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_planner_process_stuck_anywhere_is_stopped_with_its_searches():
+    """Left after an error while the planner process is stuck in a request that ignores SIGTERM,
+    and its bound's searches never end, the compiler is not kept waiting and leaves no process
+    (NOTE: [planner process]: SIGKILL to the process group)."""
+    script = textwrap.dedent("""
+        import os, signal, time
+        from test_planner import make_cluster, make_costs
+        from hetcompile import baselines, planner_process
+        def stuck(*args):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(600)
+        baselines._alone_samples_per_s = stuck  # the bound's searches, forked from the process
+        planner_process._Planner.draw = stuck   # a request of the process itself
+        costs, cluster = make_costs(4, global_batch=8), make_cluster([2], [2])
+        start = time.perf_counter()
+        try:
+            with planner_process.PlannerProcess() as p:
+                p.start_bound(costs, cluster, schedule="auto", seed=0)
+                p._send("draw", None)
+                time.sleep(0.5)  # both are stuck now
+                group = p._process.pid
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass
+        assert time.perf_counter() - start < 30
+        time.sleep(0.5)
+        def group_of(stat):  # /proc/PID/stat: pid (comm) state ppid pgrp ...
+            state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+            return int(pgrp), state
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                pgrp, state = group_of(open(f"/proc/{pid}/stat").read())
+            except OSError:
+                continue
+            if pgrp == group and state != "Z":  # killed ones wait for init to reap them
+                alive.append(pid)
+        assert not alive, f"processes of the planner's group still running: {alive}"
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(__file__))
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
