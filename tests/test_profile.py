@@ -275,6 +275,7 @@ def test_a_receive_posted_late_waits_for_its_notice_to_reach_the_sender():
     assert start[None][1, "F", 2] == pytest.approx(0.8)
     assert start[0.25][1, "F", 2] == pytest.approx(1.6)
 
+
 def test_posting_a_transfer_takes_the_ranks_own_time():
     # NOTE: [posting a transfer]: each send or receive a stage posts, one per cut and direction,
     # adds the profile's p2p_post_s to its forward and its backward; a profile without it adds nothing.
