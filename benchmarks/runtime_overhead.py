@@ -103,7 +103,9 @@ def reference_worker(case: str, steps: int) -> None:
                                               ScheduleInterleaved1F1B)
 
     from hetcompile.modelfile import load_model_file
+    from hetcompile.runtime.host_memory import keep_freed_memory
 
+    keep_freed_memory()  # as hetcompile's CPU ranks do, so that the ratio compares the runtimes alone
     model_file, schedule_name, num_microbatches, _ = CASES[case]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")

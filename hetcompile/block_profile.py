@@ -254,6 +254,7 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=BL
     """
     from cost_models.profile import _device
     from hetcompile.compiler import _as_model_file, analyze
+    from hetcompile.runtime.host_memory import keep_freed_memory
 
     dev, sync_stmt, _ = _device(device)
     sync = torch.cuda.synchronize if sync_stmt else (lambda: None)
@@ -268,6 +269,8 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=BL
     samples: dict[int, list[tuple[int, float, float]]] = {b: [] for b in split}
     old_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
+    if dev.type == "cpu":
+        keep_freed_memory()  # as a CPU rank runs (NOTE: [freed host memory])
     try:
         runners: dict[tuple[int, int], _BlockRunner] = {}
         placeholders = [a for a in cap.gm.graph.nodes if a.op == "placeholder"]

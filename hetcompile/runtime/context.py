@@ -19,6 +19,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from hetcompile.plan import load
 from hetcompile.runtime import checkpoint, tp
 from hetcompile.runtime.collectives import all_reduce
+from hetcompile.runtime.host_memory import keep_freed_memory
 
 # Seconds a rank waits on a peer before giving up (a dead rank must not hang the job). A dead
 # peer's closed sockets fail a wait at once; this bounds the wait on a peer that hangs. Launches
@@ -61,6 +62,8 @@ class RankContext:
         # Stages of one rank share its devices, shares and TP group (interleaved: s, s + p, ...).
         self.tp = self.stage_specs[self.spec.stages[0]].tp
         self.device, backend = _device_for(self.spec.device_type)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # NOTE: [freed host memory]
         for stage in stages.values():
             stage.DEVICE = self.device
         timeout = float(os.environ.get("HETCOMPILE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
