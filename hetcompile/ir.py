@@ -41,12 +41,24 @@ class Block:
 
 
 @dataclass(frozen=True)
+class SharedParams:
+    """Parameters that several blocks use (tied input and output embeddings): counted in the
+    first block's ``param_bytes``; when the blocks fall in different stages, every rank that holds
+    them sums their gradients with the others (lowering.grad_groups)."""
+
+    blocks: tuple[int, ...]  # the blocks that use them, in order
+    param_bytes: int
+    num_param_tensors: int
+
+
+@dataclass(frozen=True)
 class ModelCosts:
     """What the planner needs to know about the model: its blocks, in order."""
 
     blocks: tuple[Block, ...]
     global_batch: int
     dtype: str  # "fp32", "bf16" or "fp16": the dtype of the parameters
+    shared_params: tuple[SharedParams, ...] = ()
 
     @property
     def num_blocks(self) -> int:

@@ -211,13 +211,15 @@ class Plan:
 
     def model_costs(self):
         """The model's blocks as :class:`~hetcompile.ir.ModelCosts` (stored in plan.json by the compiler)."""
-        from hetcompile.ir import Block, ModelCosts
+        from hetcompile.ir import Block, ModelCosts, SharedParams
 
         if not self.costs:
             raise UserError("This plan has no model costs (plan.json has no \"costs\"); it was made by an older "
                             "hetcompile. Recompile the plan to inspect its alternatives.")
         return ModelCosts(tuple(Block(**b) for b in self.costs["blocks"]), self.costs["global_batch"],
-                          self.costs["dtype"])
+                          self.costs["dtype"], tuple(SharedParams(tuple(p["blocks"]), p["param_bytes"],
+                                                                  p["num_param_tensors"])
+                                                     for p in self.costs.get("shared_params", ())))
 
     def program(self, rank: int) -> str:
         """The emitted source of one rank.

@@ -36,6 +36,7 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
     # Every rank joins end_step's all-reduce of the loss, so every stage pays it.
     loss_sync_s = allreduce_time_s(8, cluster, [d for st in decision.stages for d in st.devices])
     stages = decision.stages
+    shared = _crossing(decision, costs)
     for s, st in enumerate(stages):
         blocks = costs.blocks[st.first_block:st.last_block + 1]
         tp, parts = _tp_parts(st)
@@ -69,16 +70,39 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
             send_bwd.append(0.0)
             notice_bwd.append(0.0)
         param_bytes = sum(b.param_bytes for b in blocks)
-        # Under TP, member i of every replica all-reduces its own shard with its peers.
-        allreduce.append(max(allreduce_time_s(_shard_bytes(blocks, parts[i], sum(parts)), cluster,
-                                              list(st.devices[i::tp])) for i in range(tp)))
+        # Under TP, member i of every replica all-reduces its own shard with its peers; parameters
+        # that other stages use too are summed with those (_shared_allreduce_s), not here.
+        crossing = sum(sp.param_bytes for sp in shared if st.first_block <= sp.blocks[0] <= st.last_block)
+        allreduce.append(max(allreduce_time_s(max(_shard_bytes(blocks, parts[i], sum(parts)) - crossing, 0.0),
+                                              cluster, list(st.devices[i::tp])) for i in range(tp)))
         num_tensors = sum(b.num_param_tensors for b in blocks)
         optimizer_s = max(optimizer_time_s(num_tensors, param_bytes, cluster.type_of(devices[d].type))
                           for d in st.devices)
         # Only a profiled cost model charges the step's tail (the datasheet one predicts compute and links).
         update.append(optimizer_s + loss_sync_s if optimizer_s > 0 else 0.0)
     return {"fwd_s": fwd, "bwd_s": bwd, "send_fwd_s": send_fwd, "send_bwd_s": send_bwd, "allreduce_s": allreduce,
-            "update_s": update, **_notices(decision, cluster, notice_fwd, notice_bwd)}
+            "update_s": update, **_notices(decision, cluster, notice_fwd, notice_bwd),
+            "shared_allreduce_s": _shared_allreduce_s(decision, costs, cluster)}
+
+
+def _stage_of(decision, block: int) -> int:
+    return next(s for s, st in enumerate(decision.stages) if st.first_block <= block <= st.last_block)
+
+
+def _crossing(decision, costs: ModelCosts) -> list:
+    """The model's shared parameters (ModelCosts.shared_params) that blocks of several stages use."""
+    return [sp for sp in costs.shared_params if len({_stage_of(decision, b) for b in sp.blocks}) > 1]
+
+
+def _shared_allreduce_s(decision, costs: ModelCosts, cluster) -> list[tuple[tuple[int, ...], float]]:
+    """(stages, seconds) of the all-reduce of each set of parameters that blocks of several stages
+    use (tied embeddings: lowering.grad_groups puts them in a group of every rank of those stages)."""
+    out = []
+    for sp in _crossing(decision, costs):
+        stages = tuple(sorted({_stage_of(decision, b) for b in sp.blocks}))
+        devices = [d for s in stages for d in decision.stages[s].devices]
+        out.append((stages, allreduce_time_s(sp.param_bytes, cluster, devices)))
+    return out
 
 
 def _member_compute_s(st, costs: ModelCosts, cluster) -> list[tuple[float, float]]:
@@ -173,6 +197,9 @@ def predict(decision, costs: ModelCosts, cluster, schedule: str) -> tuple[dict, 
         "step_time_s": step,
         "samples_per_s": costs.global_batch / step if step > 0 else 0.0,
         "bubble_fraction": timeline.bubble_fraction,
+        # All-reduces between stages that use the same parameters (tied embeddings), in program order.
+        "shared_allreduce": [{"stages": list(stages), "seconds": seconds}
+                             for stages, seconds in times["shared_allreduce_s"]],
         "stages": [{"fwd_s": times["fwd_s"][s], "bwd_s": times["bwd_s"][s], "send_fwd_s": times["send_fwd_s"][s],
                     "send_bwd_s": times["send_bwd_s"][s], "allreduce_s": times["allreduce_s"][s],
                     "update_s": times["update_s"][s],

@@ -460,6 +460,7 @@ def simulate(
     update_s: Sequence[float] | None = None,
     notice_fwd_s: Sequence[float] | None = None,
     notice_bwd_s: Sequence[float] | None = None,
+    shared_allreduce_s: Sequence[tuple[Sequence[int], float]] = (),
 ) -> Timeline:
     """Discrete-event run of one step of ``schedule``; all times in seconds, one per stage.
 
@@ -471,6 +472,9 @@ def simulate(
     spans on the sender's communication track and never delay its compute.
     ``allreduce_s[s]`` starts after stage s's slot ran its last action, and ``update_s[s]``
     (optimizer step and end-of-step bookkeeping; none when omitted) after it.
+    ``shared_allreduce_s``: (stages, seconds) of each all-reduce that spans stages (parameters
+    that blocks of several stages use, such as tied embeddings), in program order: it runs after
+    the stages' own all-reduces, once all of their slots reached it, and before any update.
     ``notice_fwd_s[s]`` / ``notice_bwd_s[s]`` (indexed like the sends): the time the
     consumer's receive notice takes to reach stage s; given, data leaves only once the
     consumer has posted its receive and the notice has arrived (see NOTE: [receives
@@ -560,15 +564,23 @@ def simulate(
                 next_index[r] += 1
                 remaining -= 1
 
-    for r in range(num_slots):  # a slot's stages all-reduce one after another, then update
-        at_s = free_at_s[r]
+    at_s = list(free_at_s)
+    for r in range(num_slots):  # a slot's stages all-reduce one after another, ...
         for s in range(r, num_stages, num_slots):
-            spans.append(Span(s, "allreduce", -1, at_s, at_s + allreduce_s[s]))
-            at_s += allreduce_s[s]
+            spans.append(Span(s, "allreduce", -1, at_s[r], at_s[r] + allreduce_s[s]))
+            at_s[r] += allreduce_s[s]
+    for stages, seconds in shared_allreduce_s:  # ... then with the other stages that hold their parameters, ...
+        slots = sorted({s % num_slots for s in stages})
+        start_s = max(at_s[r] for r in slots)
+        for s in stages:
+            spans.append(Span(s, "allreduce", -1, start_s, start_s + seconds))
+        for r in slots:
+            at_s[r] = start_s + seconds
+    for r in range(num_slots):  # ... then update
         for s in range(r, num_stages, num_slots):
             if update_s is not None and update_s[s] > 0:
-                spans.append(Span(s, "update", -1, at_s, at_s + update_s[s]))
-                at_s += update_s[s]
+                spans.append(Span(s, "update", -1, at_s[r], at_s[r] + update_s[s]))
+                at_s[r] += update_s[s]
 
     step_time_s = max(span.end_s for span in spans)
     busy_s = sum(span.duration_s for span in spans if span.kind in _KINDS)

@@ -69,8 +69,11 @@ def plan_timeline(plan) -> Timeline:
     """
     stages = plan.predicted["stages"]
     times = {k: [st[k] for st in stages] for k in ("fwd_s", "bwd_s", "send_fwd_s", "send_bwd_s", "allreduce_s")}
-    # Receive notices (NOTE: [receives posted in program order]): only profiled plans have them.
-    times.update({k: [st[k] for st in stages] for k in ("notice_fwd_s", "notice_bwd_s") if k in stages[0]})
+    # Receive notices (NOTE: [receives posted in program order]) and the step's tail: only profiled
+    # plans have them; plans of older versions have no update or shared all-reduces.
+    times.update({k: [st[k] for st in stages] for k in ("notice_fwd_s", "notice_bwd_s", "update_s")
+                  if k in stages[0]})
+    times["shared_allreduce_s"] = [(g["stages"], g["seconds"]) for g in plan.predicted.get("shared_allreduce", ())]
     return simulate(make_schedule(plan.schedule, len(stages), plan.num_microbatches, plan.chunks), **times)
 
 

@@ -20,7 +20,7 @@ import re
 import torch.fx
 
 from hetcompile.capture import Captured
-from hetcompile.ir import Block, ModelCosts
+from hetcompile.ir import Block, ModelCosts, SharedParams
 
 _LAYER = re.compile(r"\.\d+$")
 
@@ -86,13 +86,19 @@ def group_blocks(cap: Captured) -> ModelCosts:
     param_bytes = [0] * num_blocks
     num_params = [0] * num_blocks
     num_param_tensors = [0] * num_blocks
+    shared: dict[tuple[int, ...], list[int]] = {}  # blocks -> [bytes, tensors] of params they share
     for n in graph.nodes:
         if n.op == "placeholder" and cap.placeholders[n.name].kind == "param" and n.users:
-            first = min(u.meta["block"] for u in n.users)
+            users = sorted({u.meta["block"] for u in n.users})
+            first = users[0]
             val = n.meta["val"]
             param_bytes[first] += val.numel() * val.element_size()
             num_params[first] += val.numel()
             num_param_tensors[first] += 1
+            if len(users) > 1:
+                entry = shared.setdefault(tuple(users), [0, 0])
+                entry[0] += val.numel() * val.element_size()
+                entry[1] += 1
     out_bytes = [0.0] * num_blocks
     for n in compute:
         if n.meta.get("replicable"):
@@ -116,5 +122,6 @@ def group_blocks(cap: Captured) -> ModelCosts:
             num_param_tensors=num_param_tensors[b],
             num_matmul_ops=sum(1 for n in nodes if n.meta["flops"] > 0),
         ))
-    return ModelCosts(blocks=tuple(blocks), global_batch=cap.global_batch, dtype=cap.dtype)
+    return ModelCosts(blocks=tuple(blocks), global_batch=cap.global_batch, dtype=cap.dtype,
+                      shared_params=tuple(SharedParams(b, *entry) for b, entry in sorted(shared.items())))
 
