@@ -39,8 +39,10 @@ COMPUTE_TRACK = "compute"
 MAX_RANK_ROWS = 16
 
 # Colour per span kind: compute stands out, communication is muted, the all-reduce is warm.
-_COLORS = {FORWARD: "#4C72B0", BACKWARD: "#DD8452", "send": "#7F7F7F", "recv": "#B8B8B8", "allreduce": "#C44E52"}
-_LABELS = {FORWARD: "forward", BACKWARD: "backward", "send": "send", "recv": "recv", "allreduce": "all-reduce"}
+_COLORS = {FORWARD: "#4C72B0", BACKWARD: "#DD8452", "update": "#55A868", "send": "#7F7F7F", "recv": "#B8B8B8",
+           "allreduce": "#C44E52"}
+_LABELS = {FORWARD: "forward", BACKWARD: "backward", "update": "optimizer, loss", "send": "send", "recv": "recv",
+           "allreduce": "all-reduce"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class RankSpan:
 
     rank: int
     track: str  # "compute", or "comm N" (the N-th comm lane of this rank)
-    kind: str  # "F", "B", "send", "recv" or "allreduce"
+    kind: str  # "F", "B", "update" (optimizer step and the loss's all-reduce), "send", "recv" or "allreduce"
     name: str  # what the trace shows, e.g. "F mb0", "send F mb0 -> stage 2"
     microbatch: int  # -1 for the all-reduce
     start_s: float
@@ -148,6 +150,11 @@ def rank_spans(plan, timeline: Timeline | None = None, ranks=None) -> dict[int, 
             for r in ranks_of_stage.get(s, []):
                 compute[r].append(RankSpan(r, COMPUTE_TRACK, span.kind, f"{span.kind}{tag(s)} mb{m}", m,
                                            span.start_s, span.end_s, stage=s))
+        elif span.kind == "update":
+            if span.duration_s > 0:
+                for r in ranks_of_stage.get(s, []):
+                    compute[r].append(RankSpan(r, COMPUTE_TRACK, "update", "optimizer step, loss", -1,
+                                               span.start_s, span.end_s, stage=s))
         elif span.kind == "allreduce":
             if span.duration_s > 0:
                 for r in ranks_of_stage.get(s, []):
@@ -305,7 +312,7 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
             # for many ranks, where the colours already tell forward from backward.
             # Interleaved: "2.0" is stage 2, micro-batch 0 (a rank runs several stages).
             label = str(sp.microbatch) if chunks == 1 else f"{sp.stage}.{sp.microbatch}"
-            if (sp.track == COMPUTE_TRACK and n <= 24
+            if (sp.track == COMPUTE_TRACK and sp.microbatch >= 0 and n <= 24
                     and sp.duration_s * scale * px_per_unit > 7 * len(label) + 4):
                 ax.text((x0 + x1) / 2, y - 0.1, label, ha="center", va="center",
                         fontsize=label_size - 1, color="white")
@@ -335,7 +342,7 @@ def timeline_png(plan, timeline: Timeline | None = None, *, dpi: int = 100) -> b
                  f"bubble {p['bubble_fraction'] * 100:.0f}%, {format_rate(p['samples_per_s'])} samples/s"
                  + ("; bars: stage.micro-batch" if plan.chunks > 1 else ""),
                  fontsize=10, loc="left")
-    fig.legend(handles=[Patch(color=_COLORS[k], label=_LABELS[k]) for k in _COLORS], ncol=5, fontsize=8,
+    fig.legend(handles=[Patch(color=_COLORS[k], label=_LABELS[k]) for k in _COLORS], ncol=6, fontsize=8,
                loc="lower left", bbox_to_anchor=(left, 0.02 / fig_h), frameon=False)
 
     gib = 2**30
