@@ -455,7 +455,7 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
     import torch
     import torch.distributed as dist
 
-    from hetcompile.runtime.collectives import all_reduce
+    from hetcompile.runtime.collectives import all_reduce, isend
 
     torch.set_num_threads(1)
     backend = "nccl" if device == "cuda" else "gloo"
@@ -482,7 +482,7 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
         compute_gap()
         if rank == 0:
             at = time.perf_counter()
-            work = dist.isend(x, 1)
+            work = isend(x, 1)  # as a rank sends (NOTE: [handing a send over])
             posts.append(time.perf_counter() - at)
             compute_gap()
             work.wait()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import cost_models.profile
 import hetcompile
@@ -185,6 +186,25 @@ def test_cpu_ranks_poll_their_all_reduces_only_with_a_core_each(monkeypatch, loc
         assert collectives._core_each() is polls
     finally:
         collectives._core_each.cache_clear()
+
+
+@pytest.mark.parametrize("local_ranks, yields", [("2", 1), ("3", 0)])
+def test_cpu_ranks_hand_a_send_over_only_with_a_core_each(monkeypatch, local_ranks, yields):
+    """NOTE: [handing a send over]: after posting a send, a rank with a core to itself yields it once."""
+    from hetcompile.runtime import collectives
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    monkeypatch.setattr(collectives.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(collectives.torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(collectives.dist, "isend", lambda t, dst, tag=0: ("work", dst, tag))
+    yielded = []
+    monkeypatch.setattr(collectives.os, "sched_yield", lambda: yielded.append(1))
+    collectives._core_each.cache_clear()
+    try:
+        assert collectives.isend(torch.zeros(1), 1, tag=7) == ("work", 1, 7)
+    finally:
+        collectives._core_each.cache_clear()
+    assert len(yielded) == yields
 
 
 _WHERE_A_FREED_ACTIVATION_GOES = """

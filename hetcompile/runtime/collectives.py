@@ -1,4 +1,5 @@
-"""The all-reduce every rank's collectives go through (gradients, the loss, tensor parallelism).
+"""The all-reduce every rank's collectives go through (gradients, the loss, tensor parallelism),
+and the send every rank's transfers go through.
 
 NOTE: [polling collectives] A CPU rank (gloo) that has a core to itself polls its all-reduce
 until it completes, yielding the core at each poll, instead of blocking in it. A rank that
@@ -45,3 +46,24 @@ def all_reduce(t: torch.Tensor, group=None) -> None:
     while not work.is_completed():
         os.sched_yield()
     work.wait()  # raises the peer's failure, if that is how it completed
+
+
+def isend(t: torch.Tensor, dst: int, tag: int = 0):
+    """Post a send of ``t`` to rank ``dst``; returns its work.
+
+    NOTE: [handing a send over] gloo moves the data on its own communication thread. A CPU rank
+    that goes on computing right after posting a send holds the core that thread was woken on,
+    and the data then often leaves only when the rank next blocks or its time slice ends: on the
+    project's 2-vCPU VM, one-way 4-byte transfers with 2 ms of compute after the send took over
+    1 ms in 1-91 of 250 (mean 55-768 us, 4 runs) and 1-10 of 250 (mean 50-143 us) when the
+    sender yielded its core once right after posting. In training
+    (benchmarks/runtime_overhead.py, 4 alternations of 3 rounds, 23:12-23:21 UTC) the MLP's
+    2-stage GPipe step went from 5.3-6.4 ms to 3.8-4.1 ms (0.77-0.95x the reference instead of
+    1.02-1.39x); its 1F1B and interleaved steps did not move beyond their spread. As with polling
+    (NOTE: [polling collectives]), only where every rank has a core to itself: on a node with
+    more ranks than cores the yield would hand the core to another rank's compute.
+    """
+    work = dist.isend(t, dst, tag=tag)
+    if t.is_cpu and _core_each():
+        os.sched_yield()
+    return work

@@ -18,7 +18,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from hetcompile.plan import load
 from hetcompile.runtime import checkpoint, tp
-from hetcompile.runtime.collectives import all_reduce
+from hetcompile.runtime.collectives import all_reduce, isend
 from hetcompile.runtime.host_memory import keep_freed_memory
 
 # Seconds a rank waits on a peer before giving up (a dead rank must not hang the job). A dead
@@ -257,7 +257,7 @@ class RankContext:
         return (t if rows is None else t[rows]).contiguous()
 
     def _isend(self, t: torch.Tensor, dst: int, tag: int) -> None:
-        self.pending.append((dist.isend(t, dst, tag=tag), t))
+        self.pending.append((isend(t, dst, tag=tag), t))  # NOTE: [handing a send over]
 
     def forward(self, stage: int, *, mb: int) -> None:
         """Run ``stage``'s forward on this rank's samples of micro-batch ``mb``."""
