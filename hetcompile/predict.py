@@ -100,7 +100,8 @@ def _shared_allreduce_s(decision, costs: ModelCosts, cluster) -> list[tuple[tupl
     out = []
     for sp in _crossing(decision, costs):
         stages = tuple(sorted({_stage_of(decision, b) for b in sp.blocks}))
-        devices = [d for s in stages for d in decision.stages[s].devices]
+        # Interleaved stages of one rank hold the parameters once: one member per device.
+        devices = list(dict.fromkeys(d for s in stages for d in decision.stages[s].devices))
         out.append((stages, allreduce_time_s(sp.param_bytes, cluster, devices)))
     return out
 

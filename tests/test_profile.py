@@ -361,3 +361,15 @@ def test_tied_embeddings_across_stages_are_all_reduced_between_them(examples):
     assert timeline.step_time_s == pytest.approx(plan.predicted["step_time_s"])
     assert sum(span.kind == "allreduce" and span.duration_s == pytest.approx(shared["seconds"])
                for span in timeline.spans) == 2
+
+
+def test_a_rank_that_runs_both_stages_sharing_parameters_sums_nothing(examples):
+    """Stages on one device (as a rank's interleaved stages are) hold the tied embedding once:
+    lowering makes no group of one rank, so the prediction's all-reduce of it takes no time."""
+    from hetcompile.compiler import analyze
+
+    _, costs = analyze(examples / "gpt2.py")
+    cluster = load_cluster({"nodes": [{"device": "A100-80GB", "count": 2}]})
+    decision = PlanDecision(stages=(StageDecision(0, 1, (0,), (8,)), StageDecision(2, 3, (1,), (8,)),
+                                    StageDecision(4, 5, (0,), (8,))), num_microbatches=2, microbatch_size=8)
+    assert predict(decision, costs, cluster, "gpipe")[0]["shared_allreduce"] == [{"stages": [0, 2], "seconds": 0.0}]
