@@ -40,6 +40,12 @@ MEMORY_FULL_FRACTION = 0.9
 LINK_BOUND_FRACTION = 0.5
 
 
+def _and(items) -> str:
+    """``[0, 3]`` -> ``"0 and 3"``; ``[0, 1, 3]`` -> ``"0, 1 and 3"``."""
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def _busy_s(timeline) -> dict[int, float]:
     busy: dict[int, float] = {}
     for span in timeline.spans:
@@ -67,16 +73,24 @@ def _bottleneck(plan, timeline, cluster) -> dict:
 
     # 1. A link: the gradient all-reduce after the last backward, exposed at the end of the step.
     if exposed_allreduce_s > 0 and exposed_allreduce_s >= 0.25 * step_s:
+        # The longest all-reduce: a stage's own, or one of parameters several stages share.
         k = max(range(len(preds)), key=lambda i: preds[i]["allreduce_s"])
-        ks = plan.stages[k]
-        k_devices = [by_rank[r].device_index for r in ks.ranks]
+        shared = max(plan.predicted.get("shared_allreduce", ()), key=lambda g: g["seconds"], default=None)
+        if shared is not None and shared["seconds"] > preds[k]["allreduce_s"]:
+            stages, seconds = shared["stages"], shared["seconds"]
+            what = f"the all-reduce of the parameters stages {_and(stages)} share (tied weights)"
+            fix = "those stages on one node, or a faster link between them, would help"
+        else:
+            stages, seconds = [k], preds[k]["allreduce_s"]
+            what = f"the gradient all-reduce of stage {k}"
+            fix = "fewer data-parallel replicas of that stage, or a faster link between them, would help"
+        k_devices = list(dict.fromkeys(by_rank[r].device_index for i in stages for r in plan.stages[i].ranks))
         ring_gbps = min(cluster.link_bw_bytes_per_s(a, b)
                         for a, b in zip(k_devices, k_devices[1:] + k_devices[:1])) / 1e9
         return {**out, "bound": "link",
-                "reason": f"the gradient all-reduce of stage {k} over {len(k_devices)} devices "
-                          f"({ring_gbps:g} GB/s ring) takes {format_time(preds[k]['allreduce_s'])}, "
-                          f"{exposed_allreduce_s / step_s * 100:.0f}% of the step after the last backward; "
-                          "fewer data-parallel replicas of that stage, or a faster link between them, would help"}
+                "reason": f"{what} over {len(k_devices)} devices ({ring_gbps:g} GB/s ring) takes "
+                          f"{format_time(seconds)}, {exposed_allreduce_s / step_s * 100:.0f}% of the step after "
+                          f"the last backward; {fix}"}
     # 2. A link: activations (forward) or their gradients (backward) between neighbouring stages.
     # The links next to the stage; every link when the stage idles most of the step (then
     # the step is not set by its compute but by waiting, usually on the slowest transfer).
@@ -240,7 +254,8 @@ def _why_lost(plan, decision, predicted, timeline, cluster) -> str:
             f"{format_time(theirs)} per micro-batch ({slow}) against {format_time(mine)} here")
     if timeline.bubble_fraction > plan.predicted["bubble_fraction"] + 0.05:
         text += f"; bubbles {timeline.bubble_fraction * 100:.0f}% against {plan.predicted['bubble_fraction'] * 100:.0f}%"
-    tail = max(s_pred["allreduce_s"] for s_pred in predicted["stages"])
+    tail = max([s_pred["allreduce_s"] for s_pred in predicted["stages"]]
+               + [g["seconds"] for g in predicted.get("shared_allreduce", ())])
     if tail > 0.2 * step_s:
         text += f"; its gradient all-reduce takes {format_time(tail)}"
     return text

@@ -329,3 +329,15 @@ def test_reports_show_tp_degree_and_parts():
     assert "2 (3:1)" in format_inspect(report)
     assert "TP 2 (3:1)" in summary(tp_plan) and "TP 2" not in summary(plan)
     assert "stage 0 TP: none -> TP 2 (3:1)" in diff_plans(plan, tp_plan)
+
+
+def test_explain_names_a_shared_all_reduce_that_ends_the_step(examples):
+    """GPT-2 on A100 + V100 (the README's example): its tied embedding is summed over both stages'
+    six devices across the nodes after the last backward, longer than either stage's own all-reduce."""
+    plan = hetcompile.compile(str(examples / "gpt2.py"), str(examples / "a100_v100.json"), time_limit_s=5)
+    (shared,) = plan.predicted["shared_allreduce"]
+    assert shared["seconds"] > max(st["allreduce_s"] for st in plan.predicted["stages"])
+    report = explain(plan, time_limit_s=5)
+    assert report["bottleneck"]["bound"] == "link"
+    assert "the all-reduce of the parameters stages 0 and 1 share (tied weights) over 6 devices" in \
+        report["bottleneck"]["reason"]
