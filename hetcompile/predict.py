@@ -12,7 +12,7 @@ from collections import Counter
 from cost_models.comm import allreduce_time_s, p2p_time_s
 from cost_models.memory import stage_memory_bytes, tp_share
 from cost_models.roofline import block_overhead_s, block_time_s, optimizer_time_s, stage_call_overhead_s
-from hetcompile.ir import ModelCosts
+from hetcompile.ir import ModelCosts, SharedParams
 from hetcompile.schedule import BACKWARD, FORWARD, Timeline, make_schedule, simulate
 
 # Rounds of the fixed point that slows compute on nodes whose ranks share cores (_share_cores),
@@ -36,7 +36,7 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
     # Every rank joins end_step's all-reduce of the loss, so every stage pays it.
     loss_sync_s = allreduce_time_s(8, cluster, [d for st in decision.stages for d in st.devices])
     stages = decision.stages
-    shared = _crossing(decision, costs)
+    shared = _shared_across_stages(decision, costs)
     for s, st in enumerate(stages):
         blocks = costs.blocks[st.first_block:st.last_block + 1]
         tp, parts = _tp_parts(st)
@@ -71,8 +71,8 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
             notice_bwd.append(0.0)
         param_bytes = sum(b.param_bytes for b in blocks)
         # Under TP, member i of every replica all-reduces its own shard with its peers; parameters
-        # that other stages use too are summed with those (_shared_allreduce_s), not here.
-        crossing = sum(sp.param_bytes for sp in shared if st.first_block <= sp.blocks[0] <= st.last_block)
+        # that other stages use too are summed with those (shared_allreduce below), not here.
+        crossing = sum(sp.param_bytes for sp, _ in shared if st.first_block <= sp.blocks[0] <= st.last_block)
         allreduce.append(max(allreduce_time_s(max(_shard_bytes(blocks, parts[i], sum(parts)) - crossing, 0.0),
                                               cluster, list(st.devices[i::tp])) for i in range(tp)))
         num_tensors = sum(b.num_param_tensors for b in blocks)
@@ -80,29 +80,29 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
                           for d in st.devices)
         # Only a profiled cost model charges the step's tail (the datasheet one predicts compute and links).
         update.append(optimizer_s + loss_sync_s if optimizer_s > 0 else 0.0)
+    # The all-reduce of each set of parameters that blocks of several stages use (tied embeddings:
+    # lowering.grad_groups puts them in a group of every rank of those stages); interleaved stages
+    # of one rank hold them once, so each device is one member.
+    shared_allreduce = []
+    for sp, members in shared:
+        group = list(dict.fromkeys(d for s in members for d in stages[s].devices))
+        shared_allreduce.append((members, allreduce_time_s(sp.param_bytes, cluster, group)))
     return {"fwd_s": fwd, "bwd_s": bwd, "send_fwd_s": send_fwd, "send_bwd_s": send_bwd, "allreduce_s": allreduce,
             "update_s": update, **_notices(decision, cluster, notice_fwd, notice_bwd),
-            "shared_allreduce_s": _shared_allreduce_s(decision, costs, cluster)}
+            "shared_allreduce_s": shared_allreduce}
 
 
-def _stage_of(decision, block: int) -> int:
-    return next(s for s, st in enumerate(decision.stages) if st.first_block <= block <= st.last_block)
-
-
-def _crossing(decision, costs: ModelCosts) -> list:
-    """The model's shared parameters (ModelCosts.shared_params) that blocks of several stages use."""
-    return [sp for sp in costs.shared_params if len({_stage_of(decision, b) for b in sp.blocks}) > 1]
-
-
-def _shared_allreduce_s(decision, costs: ModelCosts, cluster) -> list[tuple[tuple[int, ...], float]]:
-    """(stages, seconds) of the all-reduce of each set of parameters that blocks of several stages
-    use (tied embeddings: lowering.grad_groups puts them in a group of every rank of those stages)."""
+def _shared_across_stages(decision, costs: ModelCosts) -> list[tuple[SharedParams, tuple[int, ...]]]:
+    """The model's shared parameters (ModelCosts.shared_params) that blocks of several stages use,
+    with those stages."""
+    if not costs.shared_params:
+        return []
+    stage_of = {b: s for s, st in enumerate(decision.stages) for b in range(st.first_block, st.last_block + 1)}
     out = []
-    for sp in _crossing(decision, costs):
-        stages = tuple(sorted({_stage_of(decision, b) for b in sp.blocks}))
-        # Interleaved stages of one rank hold the parameters once: one member per device.
-        devices = list(dict.fromkeys(d for s in stages for d in decision.stages[s].devices))
-        out.append((stages, allreduce_time_s(sp.param_bytes, cluster, devices)))
+    for sp in costs.shared_params:
+        stages = tuple(sorted({stage_of[b] for b in sp.blocks}))
+        if len(stages) > 1:
+            out.append((sp, stages))
     return out
 
 
