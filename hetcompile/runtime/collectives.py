@@ -56,10 +56,9 @@ def isend(t: torch.Tensor, dst: int, tag: int = 0):
     and the data then often leaves only when the rank next blocks or its time slice ends: on the
     project's 2-vCPU VM, one-way 4-byte transfers with 2 ms of compute after the send took over
     1 ms in 1-91 of 250 (mean 55-768 us, 4 runs) and 1-10 of 250 (mean 50-143 us) when the
-    sender yielded its core once right after posting. In training
-    (benchmarks/runtime_overhead.py, 4 alternations of 3 rounds, 23:12-23:21 UTC) the MLP's
-    2-stage GPipe step went from 5.3-6.4 ms to 3.8-4.1 ms (0.77-0.95x the reference instead of
-    1.02-1.39x); its 1F1B and interleaved steps did not move beyond their spread. As with polling
+    sender yielded its core once right after posting. In training (benchmarks/runtime_overhead.py,
+    3 rounds a run, 4 runs each way alternated, 23:12-23:21 UTC) the MLP's 2-stage GPipe step
+    went from 5.3-6.4 ms to 3.8-4.1 ms (0.77-0.95x the reference instead of 1.02-1.39x); its 1F1B and interleaved steps did not move beyond their spread. As with polling
     (NOTE: [polling collectives]), only where every rank has a core to itself: on a node with
     more ranks than cores the yield would hand the core to another rank's compute.
     """
