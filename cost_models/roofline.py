@@ -62,7 +62,8 @@ def block_time_s(
         p = device.profile
         measured = p.block_time(block.signature)
         if measured is not None:  # the block itself was timed on this device: its per-sample slope
-            return measured.fwd_per_sample_s, measured.bwd_per_sample_s
+            (_, fwd_s), (_, bwd_s) = measured.segment(samples)
+            return fwd_s, bwd_s
         if samples and block.num_matmul_ops:
             rate = p.matmul_rate(dtype, samples * block.fwd_flops_per_sample / block.num_matmul_ops)
         else:
@@ -76,8 +77,11 @@ def block_time_s(
     return fwd_s, BACKWARD_FACTOR * fwd_s
 
 
-def block_overhead_s(block: Block, device: DeviceType) -> tuple[float, float]:
+def block_overhead_s(block: Block, device: DeviceType, *, samples: int | None = None) -> tuple[float, float]:
     """(forward, backward) seconds one call of ``block`` costs whatever its batch: the per-op time.
+
+    ``samples``: as for :func:`block_time_s`; a measured block's fixed part is that of its
+    measured curve around that size (NOTE: [measured curve] in cost_models/profile.py).
 
     0 without a profile: the datasheet model has no per-op term (a GPU's launch
     overhead hides behind asynchronous execution on large enough work).
@@ -91,8 +95,9 @@ def block_overhead_s(block: Block, device: DeviceType) -> tuple[float, float]:
         return 0.0, 0.0
     p = device.profile
     measured = p.block_time(block.signature)
-    if measured is not None:  # the block itself was timed: the fixed part of its fitted call time
-        return measured.fwd_fixed_s, measured.bwd_fixed_s
+    if measured is not None:  # the block itself was timed: the fixed part of its call time
+        (fwd_s, _), (bwd_s, _) = measured.segment(samples)
+        return fwd_s, bwd_s
     return block.num_ops * p.op_fwd_overhead_s, block.num_grad_ops * p.op_bwd_overhead_s
 
 

@@ -44,8 +44,25 @@ from cost_models.profile import BlockTime, fit_overhead_and_rate
 
 logger = logging.getLogger(__name__)
 
-# Micro-batch sizes (samples per call) the blocks are timed at; the fit spans them.
+# The smallest micro-batch sizes (samples per call) the blocks are timed at; block_sizes goes on
+# doubling up to the model's batch.
 BLOCK_SIZES = (1, 2, 4, 8, 16)
+
+
+def block_sizes(global_batch: int) -> tuple[int, ...]:
+    """Samples per call to time the blocks at: BLOCK_SIZES, then doubling, up to the model's
+    batch (no rank runs more in one call), and the batch itself: the cost model reads the measured
+    curve between them (NOTE: [measured curve] in cost_models/profile.py).
+
+    >>> block_sizes(8), block_sizes(96)
+    ((1, 2, 4, 8, 16), (1, 2, 4, 8, 16, 32, 64, 96))
+    """
+    sizes = list(BLOCK_SIZES)
+    while sizes[-1] * 2 < global_batch:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] < global_batch:
+        sizes.append(global_batch)
+    return tuple(sizes)
 
 
 def _block_of(n: torch.fx.Node) -> int:
@@ -76,7 +93,8 @@ def _block_nodes(gm: torch.fx.GraphModule, block: int) -> list[torch.fx.Node]:
 
 def block_signature(cap, block: int) -> str:
     """A stable hash of what block ``block`` computes: its ops in order, how they connect, their
-    shapes (batch as ``B``), dtypes and constant arguments; not node or parameter names.
+    shapes (batch as ``B``), dtypes, constant arguments and which inputs need gradients; not node
+    or parameter names.
 
     Identical layers (``h.1``, ``h.2``, ...) get one signature and so share one measurement.
     """
@@ -89,7 +107,10 @@ def block_signature(cap, block: int) -> str:
             if a in local:
                 return local[a]
             if a not in external:
-                external[a] = f"in{len(external)}:{_describe(a.meta.get('val'), cap.batch_symbol)}"
+                # Whether the input needs a gradient changes the backward (a layer's first input
+                # does not: its backward computes no input gradient) and so the time.
+                grad = "+grad" if a.meta.get("requires_grad") else ""
+                external[a] = f"in{len(external)}:{_describe(a.meta.get('val'), cap.batch_symbol)}{grad}"
             return external[a]
         if isinstance(a, (tuple, list)):
             return "(" + ",".join(ref(x) for x in a) + ")"
@@ -234,7 +255,7 @@ def _call_overhead_s(times: dict[tuple[int, int], float], signatures: list[str],
     return min(max(statistics.median(per_size), 0.0), smallest)
 
 
-def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=BLOCK_SIZES,
+def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=None,
                    min_run_time_s: float = 0.05, min_rounds: int = 5,
                    analyzed=None) -> tuple[tuple[BlockTime, ...], tuple[float, float]]:
     """Time every distinct block of ``model`` (a model file path or ModelFile) at ``sizes`` samples per call.
@@ -245,6 +266,7 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=BL
     times (NOTE: [one call per stage]).
 
     About ``min_run_time_s`` per (block, size), and at least ``min_rounds`` timings of each.
+    ``sizes``: samples per call, by default :func:`block_sizes` of the model's batch.
     ``analyzed``: the ``(cap, costs)`` of :func:`hetcompile.compiler.analyze` on this model,
     when the caller has them (saves a capture; they are not modified).
 
@@ -262,6 +284,7 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=BL
     mf = _as_model_file(model, None)
     cap, costs = analyzed if analyzed is not None else analyze(mf)
     signatures = block_signatures(cap, costs)
+    sizes = sizes or block_sizes(costs.global_batch)
     first_of: dict[str, int] = {}
     for b, sig in enumerate(signatures):
         first_of.setdefault(sig, b)

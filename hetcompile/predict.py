@@ -119,7 +119,7 @@ def _member_compute_s(st, costs: ModelCosts, cluster) -> list[tuple[float, float
         if key not in priced:  # replicas of one type with one share take the same time: price each once
             dev_type = cluster.type_of(devices[d].type)
             per = [block_time_s(b, dev_type, costs.dtype, samples=share) for b in blocks]
-            fixed = [block_overhead_s(b, dev_type) for b in blocks]  # per call, whatever the share
+            fixed = [block_overhead_s(b, dev_type, samples=share) for b in blocks]  # per call
             fixed.append(stage_call_overhead_s(dev_type))  # the stage's own call and backward call
             # TP: a member with part p of P runs (1 - f) + f p/P of each block (f = tp_flops_fraction).
             x = [tp_share(b.tp_flops_fraction, parts[i % tp], sum(parts)) for b in blocks]

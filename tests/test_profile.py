@@ -15,7 +15,7 @@ import cost_models.profile
 import hetcompile
 from cost_models.cluster import Cluster, load_cluster
 from cost_models.comm import allreduce_time_s
-from cost_models.profile import CommProfile, DeviceProfile, load_profile, save_profile
+from cost_models.profile import BlockTime, CommProfile, DeviceProfile, load_profile, save_profile
 from cost_models.roofline import block_overhead_s, block_time_s, optimizer_time_s
 from hetcompile.errors import UserError
 from hetcompile.ir import Block, ModelCosts
@@ -269,9 +269,10 @@ def test_block_profile_times_each_distinct_block_and_the_predictor_uses_it(tmp_p
     cap, costs = analyze(examples / "mlp.py")
     sigs = [b.signature for b in costs.blocks]
     assert sigs == block_signatures(cap, costs) and all(sigs)
-    # Linear, GELU, Linear, ... : identical layers share one signature (and one measurement).
-    assert sigs[0] == sigs[2] == sigs[10] and sigs[1] == sigs[3] and sigs[0] != sigs[1]
-    assert len(set(sigs)) == 4  # Linear 64->64, GELU, Linear 64->1, loss
+    # Linear, GELU, Linear, ... : identical layers share one signature (and one measurement). The
+    # first Linear reads the batch, which needs no gradient, so its backward is another block's.
+    assert sigs[2] == sigs[4] == sigs[10] and sigs[1] == sigs[3] and sigs[0] != sigs[2] and sigs[2] != sigs[1]
+    assert len(set(sigs)) == 5  # Linear 64->64 on the batch and on a layer, GELU, Linear 64->1, loss
 
     times, (call_fwd_s, call_bwd_s) = measure_blocks(examples / "mlp.py", sizes=(1, 4), min_run_time_s=0.002,
                                                      min_rounds=2, analyzed=(cap, costs))
@@ -287,7 +288,14 @@ def test_block_profile_times_each_distinct_block_and_the_predictor_uses_it(tmp_p
     assert load_profile(tmp_path / "p.json") == p
     cpu = load_cluster({"nodes": [{"device": "CPU", "count": 2}], "devices": {"CPU": {"profile": p.to_json()}}})
     t = cpu.type_of("CPU")
-    assert block_time_s(costs.blocks[0], t, "fp32", samples=4) == (linear.fwd_per_sample_s, linear.bwd_per_sample_s)
+    # At a measured size, the measured time; the per-sample part is its segment's slope.
+    (fwd_fixed, fwd_slope), (bwd_fixed, bwd_slope) = linear.segment(4)
+    _, fwd_4, bwd_4 = linear.samples[1]
+    assert block_time_s(costs.blocks[0], t, "fp32", samples=4) == (fwd_slope, bwd_slope)
+    assert block_overhead_s(costs.blocks[0], t, samples=4) == (fwd_fixed, bwd_fixed)
+    assert fwd_fixed + 4 * fwd_slope == pytest.approx(fwd_4) and bwd_fixed + 4 * bwd_slope == pytest.approx(bwd_4)
+    # Without a size, the fitted line.
+    assert block_time_s(costs.blocks[0], t, "fp32") == (linear.fwd_per_sample_s, linear.bwd_per_sample_s)
     assert block_overhead_s(costs.blocks[0], t) == (linear.fwd_fixed_s, linear.bwd_fixed_s)
     decision = PlanDecision(stages=(StageDecision(0, 0, (0,), (4,)), StageDecision(1, costs.num_blocks - 1, (1,), (4,))),
                             num_microbatches=8, microbatch_size=4)
@@ -298,6 +306,20 @@ def test_block_profile_times_each_distinct_block_and_the_predictor_uses_it(tmp_p
     unmeasured = dataclasses.replace(costs.blocks[0], signature="not-measured")
     assert block_overhead_s(unmeasured, t) == (unmeasured.num_ops * p.op_fwd_overhead_s,
                                                unmeasured.num_grad_ops * p.op_bwd_overhead_s)
+
+
+def test_a_measured_block_is_priced_on_its_measured_curve():
+    # Flat up to 4 samples, then steeper: the fitted line would miss both ends.
+    b = BlockTime(signature="s", name="m.py:0", fwd_fixed_s=1.0, fwd_per_sample_s=1.0, bwd_fixed_s=2.0,
+                  bwd_per_sample_s=2.0, samples=((1, 1e-3, 2e-3), (4, 1e-3, 2e-3), (16, 4e-3, 8e-3), (32, 8e-3, 16e-3)))
+    assert b.call_time_s(4) == pytest.approx((1e-3, 2e-3))
+    assert b.call_time_s(10) == pytest.approx((2.5e-3, 5e-3))  # halfway from 4 to 16
+    assert b.call_time_s(64) == pytest.approx((16e-3, 32e-3))  # past the last size: its segment goes on
+    assert b.call_time_s(2) == pytest.approx((1e-3, 2e-3))
+    (fixed, slope), _ = b.segment(2)
+    assert slope == 0.0 and fixed == pytest.approx(1e-3)  # a flat segment: all of it fixed
+    assert b.segment(None) == ((1.0, 1.0), (2.0, 2.0))  # no size: the fitted line
+    assert dataclasses.replace(b, samples=()).call_time_s(3) == (4.0, 8.0)
 
 
 def test_a_receive_posted_late_waits_for_its_notice_to_reach_the_sender():
