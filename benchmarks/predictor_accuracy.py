@@ -37,7 +37,9 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -56,14 +58,22 @@ from hetcompile.planner import PlanDecision, StageDecision  # noqa: E402
 EXAMPLES = ROOT / "examples"
 
 
+# NOTE: [steps over the tick] The example MLP (width 64, batch 32) trains in 1-4 ms a step
+# here, under two of this VM's 4 ms scheduler ticks (CONFIG_HZ=250): its steps measure when the
+# OS wakes a rank, not the plan. The same compiled 2-stage plan, predicted 4.0 ms, measured a
+# median of 4.2, 8.0 and 8.0 ms in one run's three rounds and 3.9-7.8 ms in the next, its steps
+# 2-12 ms within one run (2026-11-25 00:25-00:50 UTC). So the benchmark trains the MLP at a
+# width and batch whose steps last tens of ms, as every other plan's do.
+MLP_WIDE = {"WIDTH": 512, "BATCH": 256}  # what mlp_wide.py changes in examples/mlp.py
+
 # (label, model file, schedule, micro-batches, stages). A stage is (first block, last block,
 # devices, share weights); a negative block counts from the end, and each micro-batch is split
 # across the stage's devices in proportion to the weights (so the plans follow the example
 # files if their batch changes). Blocks: mlp 14, gpt2 6, llama 6. At most 3 ranks: this
 # machine has 2 cores, and each rank is one single-threaded process.
 PLANS = [
-    ("mlp  2 stages gpipe M=4", "mlp.py", "gpipe", 4, [(0, 6, (0,), (1,)), (7, -1, (1,), (1,))]),
-    ("mlp  1 stage DP 3:1 1f1b M=2", "mlp.py", "1f1b", 2, [(0, -1, (0, 1), (3, 1))]),
+    ("mlp  2 stages gpipe M=4", "mlp_wide.py", "gpipe", 4, [(0, 6, (0,), (1,)), (7, -1, (1,), (1,))]),
+    ("mlp  1 stage DP 3:1 1f1b M=2", "mlp_wide.py", "1f1b", 2, [(0, -1, (0, 1), (3, 1))]),
     ("gpt2 2 stages 1f1b M=4", "gpt2.py", "1f1b", 4, [(0, 2, (0,), (1,)), (3, -1, (1,), (1,))]),
     ("gpt2 2 stages, stage 0 DP 3:1, gpipe M=2", "gpt2.py", "gpipe", 2,
      [(0, 2, (0, 1), (3, 1)), (3, -1, (2,), (1,))]),
@@ -76,6 +86,11 @@ PLANS = [
 ]
 
 
+# Seconds of measured steps a plan runs for at least (steps_for), and the most steps that takes.
+MEASURED_S = 1.5
+MAX_STEPS = 100
+
+
 def pinned_decision(stages, num_microbatches: int, num_blocks: int, global_batch: int,
                     schedule: str = "1f1b") -> PlanDecision:
     """The PlanDecision of a PLANS entry for a model of ``num_blocks`` blocks and this global batch."""
@@ -86,6 +101,26 @@ def pinned_decision(stages, num_microbatches: int, num_blocks: int, global_batch
         shares[0] += b - sum(shares)
         out.append(StageDecision(first % num_blocks, last % num_blocks, tuple(devices), tuple(shares)))
     return PlanDecision(stages=tuple(out), num_microbatches=num_microbatches, microbatch_size=b, schedule=schedule)
+
+
+def model_file(name: str, tmp: Path) -> Path:
+    """The model file of a PLANS entry: an example, or mlp_wide.py (NOTE: [steps over the tick])
+    written into ``tmp``."""
+    if name != "mlp_wide.py":
+        return EXAMPLES / name
+    text = (EXAMPLES / "mlp.py").read_text()
+    for constant, value in MLP_WIDE.items():
+        text, found = re.subn(rf"^{constant} = \d+$", f"{constant} = {value}", text, flags=re.M)
+        assert found == 1, f"examples/mlp.py no longer sets {constant}"
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+def steps_for(predicted_s: float, steps: int, warmup: int) -> int:
+    """Steps to run a plan for: at least ``steps``, and enough for ``MEASURED_S`` of measured steps
+    after ``warmup`` (short steps vary most from one to the next)."""
+    return max(steps, warmup + min(math.ceil(MEASURED_S / max(predicted_s, 1e-6)), MAX_STEPS))
 
 
 def measure_step_s(plan_dir: Path, steps: int, warmup: int) -> tuple[float, list[float]]:
@@ -129,10 +164,11 @@ def main(argv=None) -> int:
         print(summary(fixed), flush=True)
 
     plans = [p for p in PLANS if not args.only or args.only in p[0]]
-    costs_of = {model: analyze(EXAMPLES / model)[1] for model in {p[1] for p in plans}}
     runs: dict[str, list[dict]] = {label: [] for label, *_ in plans}
     profiles = []
     with tempfile.TemporaryDirectory(prefix="hetcompile-accuracy-") as tmp:
+        path_of = {model: model_file(model, Path(tmp)) for model in {p[1] for p in plans}}
+        costs_of = {model: analyze(path)[1] for model, path in path_of.items()}
         spec_path = Path(tmp) / "cluster.json"
         spec_path.write_text(json.dumps({"nodes": [{"device": "CPU", "count": 3}],
                                          "devices": {"CPU": {"profile": "cpu_profile.json"}}}))
@@ -142,17 +178,18 @@ def main(argv=None) -> int:
                 costs = costs_of[model]
                 decision = pinned_decision(stages, num_microbatches, costs.num_blocks, costs.global_batch, schedule)
                 profile = fixed or measure_profile("cpu", num_ranks=2, num_threads=1, quick=False,
-                                                   models=() if args.no_blocks else (EXAMPLES / model,))
+                                                   models=() if args.no_blocks else (path_of[model],))
                 profiles.append(profile)
                 save_profile(profile, Path(tmp) / "cpu_profile.json")
-                plan = hetcompile.compile(str(EXAMPLES / model), str(spec_path), schedule=schedule,
+                plan = hetcompile.compile(str(path_of[model]), str(spec_path), schedule=schedule,
                                           microbatches=decision.num_microbatches, decision=decision)
                 plan_dir = plan.save(Path(tmp) / f"{label.replace(' ', '_').replace(':', '').replace(',', '')}"
                                                  f"_{round_}")
                 predicted_s = plan.predicted["step_time_s"]
                 start = time.perf_counter()
                 load_before = os.getloadavg()[0]
-                measured_s, kept = measure_step_s(plan_dir, args.steps, args.warmup)
+                measured_s, kept = measure_step_s(plan_dir, steps_for(predicted_s, args.steps, args.warmup),
+                                                  args.warmup)
                 # Other processes on the machine slow the ranks' wall time; the block profile is CPU time.
                 load = (load_before, os.getloadavg()[0])
                 runs[label].append({"ranks": plan.world_size, "predicted_s": predicted_s, "measured_s": measured_s,
