@@ -86,6 +86,9 @@ class CommProfile:
     # Mean seconds a rank's main thread spends posting one send or receive while the ranks
     # compute (NOTE: [posting a transfer]); 0 in profiles written before it was measured.
     p2p_post_s: float = 0.0
+    # CPU: mean one-way seconds of a small transfer posted while every core computes, the sender
+    # keeping its core (NOTE: [transfers on full cores]); 0 where not measured.
+    p2p_full_cores_latency_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,7 @@ class DeviceProfile:
                            "p2p_latency_s": c.p2p_latency_s, "p2p_bw_bytes_per_s": c.p2p_bw_bytes_per_s,
                            "allreduce_latency_s": c.allreduce_latency_s,
                            "allreduce_bw_bytes_per_s": c.allreduce_bw_bytes_per_s,
-                           "p2p_post_s": c.p2p_post_s,
+                           "p2p_post_s": c.p2p_post_s, "p2p_full_cores_latency_s": c.p2p_full_cores_latency_s,
                            "samples": [{"kind": k, "bytes": b, "time_s": t} for k, b, t in c.samples]}
         return out
 
@@ -265,6 +268,7 @@ class DeviceProfile:
                     allreduce_latency_s=_non_negative(c["allreduce_latency_s"]),
                     allreduce_bw_bytes_per_s=_positive(c["allreduce_bw_bytes_per_s"]),
                     p2p_post_s=_non_negative(c.get("p2p_post_s", 0.0)),
+                    p2p_full_cores_latency_s=_non_negative(c.get("p2p_full_cores_latency_s", 0.0)),
                     samples=tuple((s["kind"], int(s["bytes"]), float(s["time_s"])) for s in c.get("samples", ())))
             rates = tuple((k, _positive(v)) for k, v in sorted(d["matmul_flops_per_s"].items()))
             if not rates:
@@ -503,7 +507,7 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
         while time.perf_counter() < end:
             pass
 
-    def one_way(x, y) -> float:
+    def one_way(x, y, send=isend) -> float:
         """Rank 0 sends ``x`` to rank 1 and goes on computing; rank 1 waits for it, its receive
         posted before (NOTE: [receives in flight]). Returns when rank 0 sent (rank 0) or rank 1
         got it (rank 1), on the clock every process of the machine shares."""
@@ -512,7 +516,7 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
         compute_gap()
         if rank == 0:
             at = time.perf_counter()
-            work = isend(x, 1)  # as a rank sends (NOTE: [handing a send over])
+            work = send(x, 1)  # as a rank sends (NOTE: [handing a send over])
             posts.append(time.perf_counter() - at)
             compute_gap()
             work.wait()
@@ -573,10 +577,50 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
                 dist.all_gather(both, stamps)
                 rounds = (both[1] - both[0]).tolist()
             samples.append((kind, x.numel() * 4, _trimmed_mean(rounds[2:])))
+    if device == "cpu":
+        samples.append(("p2p_full_cores", 4, _trimmed_mean(_full_cores_one_way(one_way, rank, world, repeats))))
     if rank == 0:
         Path(out_file).write_text(json.dumps(samples))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _full_cores_one_way(one_way, rank: int, world: int, repeats: int) -> list[float]:
+    """One-way seconds of a 4-byte transfer with every core of the machine computing.
+
+    NOTE: [transfers on full cores] Where a node runs more CPU ranks than it has cores, a rank
+    does not yield its core after posting a send (NOTE: [handing a send over]), and gloo's thread
+    that moves the data waits for a core while the other ranks compute: on the project's 2-vCPU
+    VM, a 4-byte one-way transfer between two ranks took 31-45 us with a core each, and 2.3-4.2
+    ms (trimmed means of 56) with a third process computing, about half a 4 ms scheduler tick
+    and more (2026-11-25). So, for the predictor's nodes of shared cores (NOTE: [shared cores]
+    in hetcompile/predict.py), the sender keeps its core here and rank 0 starts a busy process
+    on each core the sender does not use; the other ranks wait for the result.
+    """
+    import subprocess
+    import sys
+
+    import torch
+    import torch.distributed as dist
+
+    from hetcompile.runtime.collectives import usable_cores
+
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(usable_cores() - 1 if rank == 0 else 0)]
+    try:
+        x, y = torch.zeros(1), torch.empty(1)
+        rounds = []
+        for _ in range(4 * repeats + 2):  # two warm-up rounds
+            dist.barrier()
+            rounds.append(one_way(x, y, send=dist.isend))
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    stamps = torch.tensor(rounds, dtype=torch.float64)
+    both = [torch.zeros_like(stamps) for _ in range(world)]
+    dist.all_gather(both, stamps)
+    return (both[1] - both[0]).tolist()[2:]
 
 
 def _trimmed_mean(values: list[float]) -> float:
@@ -629,6 +673,7 @@ def measure_comm(num_ranks: int, device: str = "cpu", repeats: int = 7) -> CommP
                        allreduce_latency_s=max(ar_lat / (2 * (n - 1)), 1e-9),
                        allreduce_bw_bytes_per_s=ar_rate * 2 * (n - 1) / n,
                        p2p_post_s=sum(posts) / len(posts) if posts else 0.0,
+                       p2p_full_cores_latency_s=next((t for k, _, t in samples if k == "p2p_full_cores"), 0.0),
                        samples=tuple((k, int(b), float(t)) for k, b, t in samples))
 
 
@@ -712,4 +757,6 @@ def summary(profile: DeviceProfile) -> str:
                      f"{c.allreduce_bw_bytes_per_s / 1e9:.2f} GB/s per ring link")
         if c.p2p_post_s > 0:
             lines.append(f"posting      {c.p2p_post_s * 1e6:10.2f} us of the rank's own time per send or receive")
+        if c.p2p_full_cores_latency_s > 0:
+            lines.append(f"full cores   {c.p2p_full_cores_latency_s * 1e6:10.2f} us one way while every core computes")
     return "\n".join(lines)

@@ -15,6 +15,8 @@ from cost_models.roofline import block_overhead_s, block_time_s, optimizer_time_
 from hetcompile.ir import ModelCosts, SharedParams
 from hetcompile.schedule import BACKWARD, FORWARD, Timeline, make_schedule, simulate
 
+SEND_F, SEND_B = "send_" + FORWARD, "send_" + BACKWARD  # the simulator's kinds of send spans
+
 # Rounds of the fixed point that slows compute on nodes whose ranks share cores (_share_cores),
 # and the relative change of every stage's time at which it stops.
 SHARING_ROUNDS = 50
@@ -243,6 +245,9 @@ def _share_cores(actions, times: dict, timeline: Timeline, decision, costs: Mode
     is simulated again, until no stage time moves (damped: half of each round's change).
     A replica with a smaller share than the stage's slowest computes only the first part of
     each span (its own time over the slowest's) and leaves its core to the others for the rest.
+    The same rounds charge each stage's sends, per direction, the part of them posted while the
+    node's cores are full times what the profile measured such a send to take more
+    (NOTE: [transfers on full cores] in cost_models/profile.py).
     On one CPU profile, GPT-2 in 2 stages with stage 0 on 2 ranks (shares 3:1) and stage 1 on a
     third, 3 gloo ranks on 2 cores, measured 218.7-247.8 ms a step over 7 runs; predicted 203.6
     ms with a core per rank, 241.2 ms counting every replica busy for the whole span, 216.0 ms
@@ -257,32 +262,76 @@ def _share_cores(actions, times: dict, timeline: Timeline, decision, costs: Mode
                          (b + (f if st.recompute else 0.0)) / bwd_s if bwd_s > 0 else 1.0)
                         for d, (f, b) in zip(st.devices, _member_compute_s(st, costs, cluster))
                         if devices[d].node in capacity])
-    unshared = {kind: list(times[key]) for kind, key in ((FORWARD, "fwd_s"), (BACKWARD, "bwd_s"))}
-    slowdown = {kind: [1.0] * len(decision.stages) for kind in unshared}
+    unshared = {kind: list(times[key]) for kind, key in ((FORWARD, "fwd_s"), (BACKWARD, "bwd_s"),
+                                                         (SEND_F, "send_fwd_s"), (SEND_B, "send_bwd_s"))}
+    # NOTE: [transfers on full cores] in cost_models/profile.py: a send posted while every core
+    # of its node computes takes the profile's full-cores latency instead of its own.
+    extra = [_full_cores_extra_s(st, cluster) if row else 0.0 for st, row in zip(decision.stages, members)]
+    slowdown = {kind: [1.0] * len(decision.stages) for kind in (FORWARD, BACKWARD)}
+    full = {kind: [0.0] * len(decision.stages) for kind in (SEND_F, SEND_B)}
     for _ in range(SHARING_ROUNDS):
-        measured = _mean_slowdown(timeline, members, capacity)
+        busy = _busy_intervals(timeline, members)
+        measured = _mean_slowdown(timeline, members, capacity, busy)
+        on_full = _sends_on_full_cores(timeline, members, capacity, busy)
         moved = 0.0
         for kind, per_stage in slowdown.items():
             for s, old in enumerate(per_stage):
                 new = 0.5 * (old + measured[kind].get(s, old))
                 moved, per_stage[s] = max(moved, abs(new - old) / old), new
+        for kind, per_stage in full.items():
+            for s, old in enumerate(per_stage):
+                new = 0.5 * (old + on_full[kind].get(s, old))
+                moved, per_stage[s] = max(moved, abs(new - old) * extra[s] / max(unshared[kind][s], 1e-12)), new
         times = {**times, "fwd_s": [t * x for t, x in zip(unshared[FORWARD], slowdown[FORWARD])],
-                 "bwd_s": [t * x for t, x in zip(unshared[BACKWARD], slowdown[BACKWARD])]}
+                 "bwd_s": [t * x for t, x in zip(unshared[BACKWARD], slowdown[BACKWARD])],
+                 # a stage with nothing to send (the last forward, the first backward) keeps 0
+                 **{key: [t + f * x if t > 0 else 0.0 for t, f, x in zip(unshared[kind], full[kind], extra)]
+                    for kind, key in ((SEND_F, "send_fwd_s"), (SEND_B, "send_bwd_s"))}}
         timeline = simulate(actions, **times)
         if moved < SHARING_TOLERANCE:
             break
     return times, timeline
 
 
+def _full_cores_extra_s(st, cluster) -> float:
+    """What a send of the stage takes over its latency when posted on full cores (NOTE: [transfers
+    on full cores]): measured on the runtime (a CPU profile with links), else 0."""
+    links = [c for c in (_measured_links(cluster, d) for d in st.devices) if c is not None]
+    return max((max(c.p2p_full_cores_latency_s - c.p2p_latency_s, 0.0) for c in links), default=0.0)
+
+
+def _busy_intervals(timeline: Timeline, members: list[list[tuple[int, float, float]]]) -> list[tuple[int, float, float]]:
+    """(node, start, end) of each rank's computing on a shared node: from each span's start for its
+    part of the span (NOTE: [shared cores])."""
+    return [(node, span.start_s, span.start_s + (part_f if span.kind == FORWARD else part_b) * span.duration_s)
+            for span in timeline.spans if span.kind in (FORWARD, BACKWARD) and span.duration_s > 0
+            for node, part_f, part_b in members[span.stage]]
+
+
+def _sends_on_full_cores(timeline: Timeline, members: list[list[tuple[int, float, float]]],
+                         capacity: dict[int, float], busy: list[tuple[int, float, float]]) -> dict[str, dict[int, float]]:
+    """Per direction and stage on shared nodes: the part of its sends posted while as many of its
+    node's ranks compute as the node has room for (NOTE: [transfers on full cores])."""
+    counts: dict[str, dict[int, list[int]]] = {SEND_F: {}, SEND_B: {}}
+    for span in timeline.spans:
+        if span.kind not in counts or not members[span.stage]:
+            continue
+        at = span.start_s + 1e-12  # the sender's next compute starts as the send is posted
+        full = any(sum(1 for where, start, end in busy if where == node and start <= at < end) >= capacity[node]
+                   for node in {node for node, _, _ in members[span.stage]})
+        entry = counts[span.kind].setdefault(span.stage, [0, 0])
+        entry[0] += full
+        entry[1] += 1
+    return {kind: {s: k / n for s, (k, n) in per_stage.items()} for kind, per_stage in counts.items()}
+
+
 def _mean_slowdown(timeline: Timeline, members: list[list[tuple[int, float, float]]],
-                   capacity: dict[int, float]) -> dict[str, dict[int, float]]:
+                   capacity: dict[int, float], busy: list[tuple[int, float, float]]) -> dict[str, dict[int, float]]:
     """Per kind (forward, backward) and stage: the length-weighted mean over its spans of the
     slowdown of its slowest rank on ``timeline`` (NOTE: [shared cores]). ``members``: per stage,
-    (node, part of the forward span, part of the backward span) of each rank on a shared node."""
+    (node, part of the forward span, part of the backward span) of each rank on a shared node;
+    ``busy``: their computing (:func:`_busy_intervals`)."""
     compute = [span for span in timeline.spans if span.kind in (FORWARD, BACKWARD) and span.duration_s > 0]
-    # (node, start, end) of each rank's computing: from the span's start for its part of the span.
-    busy = [(node, span.start_s, span.start_s + (part_f if span.kind == FORWARD else part_b) * span.duration_s)
-            for span in compute for node, part_f, part_b in members[span.stage]]
     edges = sorted({t for span in compute for t in (span.start_s, span.end_s)} | {end for _, _, end in busy})
     # Per node: ranks computing in each interval between consecutive edges, then the running
     # integral of the slowdown over the edges.

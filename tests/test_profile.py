@@ -174,6 +174,31 @@ def test_a_replica_that_finishes_first_frees_its_core():
     assert unshared < predicted["stages"][0]["fwd_s"] < 1.5 * unshared
 
 
+def test_sends_posted_while_every_core_computes_take_the_full_cores_latency():
+    # Three pipeline stages, one rank each, on two cores: in 1F1B's steady state two ranks compute
+    # while the third sends, so some sends are posted on full cores (NOTE: [transfers on full cores]).
+    comm = dataclasses.replace(_profile().comm, p2p_full_cores_latency_s=2e-3)
+    costs = _costs(num_blocks=3, batch=8)
+    decision = PlanDecision(stages=tuple(StageDecision(i, i, (i,), (2,)) for i in range(3)), num_microbatches=4,
+                            microbatch_size=2)
+
+    def sends(cores, full_cores_comm):
+        profile = dataclasses.replace(_profile(), num_cores=cores, comm=full_cores_comm)
+        cpu = load_cluster({"nodes": [{"device": "CPU", "count": 3}],
+                            "devices": {"CPU": {"profile": profile.to_json()}}})
+        predicted, _ = predict(decision, costs, cpu, "1f1b")
+        return [(st["send_fwd_s"], st["send_bwd_s"]) for st in predicted["stages"]]
+
+    base = sends(3, comm)  # a core each: the plain latency
+    assert sends(2, _profile().comm) == base  # not measured: nothing added
+    shared = sends(2, comm)
+    extra = 2e-3 - 50e-6
+    assert shared[0][1] == shared[2][0] == 0.0  # nothing to send there
+    for (f, b), (f0, b0) in zip(shared, base):
+        assert f0 <= f <= f0 + extra + 1e-12 and b0 <= b <= b0 + extra + 1e-12
+    assert sum(map(sum, shared)) > sum(map(sum, base)) + extra  # some, not none
+
+
 @pytest.mark.parametrize("local_ranks, cores, polls", [("2", {0, 1}, True), ("3", {0, 1}, False)])
 def test_cpu_ranks_poll_their_all_reduces_only_with_a_core_each(monkeypatch, local_ranks, cores, polls):
     from hetcompile.runtime import collectives
