@@ -36,7 +36,7 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
     fwd, bwd, send_fwd, send_bwd, allreduce, update = [], [], [], [], [], []
     notice_fwd, notice_bwd = [], []  # a receive's notice to the sender (NOTE: [receives posted in program order])
     # Every rank joins end_step's all-reduce of the loss, so every stage pays it.
-    loss_sync_s = allreduce_time_s(8, cluster, [d for st in decision.stages for d in st.devices])
+    loss_sync_s = allreduce_time_s(8, cluster, list(dict.fromkeys(d for st in decision.stages for d in st.devices)))
     stages = decision.stages
     shared = _shared_across_stages(decision, costs)
     for s, st in enumerate(stages):
@@ -81,7 +81,9 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
         optimizer_s = max(optimizer_time_s(num_tensors, param_bytes, cluster.type_of(devices[d].type))
                           for d in st.devices)
         # Only a profiled cost model charges the step's tail (the datasheet one predicts compute and links).
-        update.append(optimizer_s + loss_sync_s if optimizer_s > 0 else 0.0)
+        # A rank joins the loss's all-reduce once, however many (interleaved) stages it runs.
+        first_on_ranks = all(stages[e].devices != st.devices for e in range(s))
+        update.append(optimizer_s + loss_sync_s * first_on_ranks if optimizer_s > 0 else 0.0)
     # The all-reduce of each set of parameters that blocks of several stages use (tied embeddings:
     # lowering.grad_groups puts them in a group of every rank of those stages); interleaved stages
     # of one rank hold them once, so each device is one member.

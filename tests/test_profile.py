@@ -420,3 +420,16 @@ def test_a_rank_that_runs_both_stages_sharing_parameters_sums_nothing(examples):
     decision = PlanDecision(stages=(StageDecision(0, 1, (0,), (8,)), StageDecision(2, 3, (1,), (8,)),
                                     StageDecision(4, 5, (0,), (8,))), num_microbatches=2, microbatch_size=8)
     assert predict(decision, costs, cluster, "gpipe")[0]["shared_allreduce"] == [{"stages": [0, 2], "seconds": 0.0}]
+
+
+def test_a_rank_of_several_stages_joins_the_loss_all_reduce_once():
+    # Interleaved: stages 0 and 2 on device 0, 1 and 3 on device 1. end_step sums the loss over
+    # the ranks once a step, so only each rank's first stage charges it.
+    cpu = load_cluster({"nodes": [{"device": "CPU", "count": 2}], "devices": {"CPU": {"profile": _profile().to_json()}}})
+    costs = _costs(num_blocks=4, batch=8)
+    decision = PlanDecision(stages=tuple(StageDecision(i, i, (i % 2,), (2,)) for i in range(4)), num_microbatches=4,
+                            microbatch_size=2)
+    update = stage_times(decision, costs, cpu)["update_s"]
+    loss_sync_s = allreduce_time_s(8, cpu, [0, 1])
+    assert loss_sync_s > 0
+    assert update[0] == pytest.approx(update[2] + loss_sync_s) and update[1] == pytest.approx(update[3] + loss_sync_s)
