@@ -33,8 +33,12 @@ def ring_allreduce_time_s(num_bytes: float, num_devices: int, bw_bytes_per_s: fl
     return 2 * (n - 1) / n * num_bytes / bw_bytes_per_s + 2 * (n - 1) * latency_s
 
 
-def allreduce_time_s(num_bytes: float, cluster: Cluster, devices: Sequence[int]) -> float:
+def allreduce_time_s(num_bytes: float, cluster: Cluster, devices: Sequence[int], *, gradients: bool = False) -> float:
     """Ring all-reduce of ``num_bytes`` over ``devices`` (ring in the given order).
+
+    ``gradients``: the all-reduce that ends a backward (a stage's gradients, a tied parameter's):
+    on a node measured so, at those numbers (NOTE: [all-reduces after a backward] in
+    cost_models/profile.py).
 
     Every step moves a chunk over every ring link at once, so the slowest link
     (lowest bandwidth, highest latency) sets the pace.
@@ -55,6 +59,8 @@ def allreduce_time_s(num_bytes: float, cluster: Cluster, devices: Sequence[int])
             # Measured collective on this kind of node: its ring-equivalent link numbers
             # include the library's own overheads, which plain p2p numbers miss.
             c = profile.comm
+            if gradients and c.grad_allreduce_bw_bytes_per_s > 0:
+                return ring_allreduce_time_s(num_bytes, n, c.grad_allreduce_bw_bytes_per_s, c.grad_allreduce_latency_s)
             return ring_allreduce_time_s(num_bytes, n, c.allreduce_bw_bytes_per_s, c.allreduce_latency_s)
     ring = list(zip(devices, list(devices[1:]) + [devices[0]]))
     bw = min(cluster.link_bw_bytes_per_s(a, b) for a, b in ring)

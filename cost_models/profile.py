@@ -65,6 +65,10 @@ COPY_NUMEL = (1 << 12, 1 << 16, 1 << 20, 1 << 22)
 COMM_BYTES = (4, 1 << 12, 1 << 16, 1 << 20, 1 << 22)
 # Compute on every rank before each measured transfer (NOTE: [collectives as a step meets them]).
 COMM_GAP_S = 0.002
+# ... and before each all-reduce timed as a gradient all-reduce (NOTE: [all-reduces after a backward]),
+# of these sizes: the smaller one takes the latency, give or take.
+GRAD_GAP_S = 0.02
+GRAD_BYTES = (1 << 16, 1 << 22)
 # Ops per timed chain when measuring per-op overhead: long enough that the
 # Python loop and the final sum are a small part of the time.
 _CHAIN_LEN = 40
@@ -89,6 +93,11 @@ class CommProfile:
     # CPU: mean one-way seconds of a small transfer posted while every core computes, the sender
     # keeping its core (NOTE: [transfers on full cores]); 0 where not measured.
     p2p_full_cores_latency_s: float = 0.0
+    # Ring-equivalent link numbers of an all-reduce that ends a long stretch of compute, as a
+    # stage's gradient all-reduce ends its backward (NOTE: [all-reduces after a backward]); 0
+    # where not measured (the numbers above then stand for it).
+    grad_allreduce_latency_s: float = 0.0
+    grad_allreduce_bw_bytes_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -248,6 +257,8 @@ class DeviceProfile:
                            "allreduce_latency_s": c.allreduce_latency_s,
                            "allreduce_bw_bytes_per_s": c.allreduce_bw_bytes_per_s,
                            "p2p_post_s": c.p2p_post_s, "p2p_full_cores_latency_s": c.p2p_full_cores_latency_s,
+                           "grad_allreduce_latency_s": c.grad_allreduce_latency_s,
+                           "grad_allreduce_bw_bytes_per_s": c.grad_allreduce_bw_bytes_per_s,
                            "samples": [{"kind": k, "bytes": b, "time_s": t} for k, b, t in c.samples]}
         return out
 
@@ -269,6 +280,8 @@ class DeviceProfile:
                     allreduce_bw_bytes_per_s=_positive(c["allreduce_bw_bytes_per_s"]),
                     p2p_post_s=_non_negative(c.get("p2p_post_s", 0.0)),
                     p2p_full_cores_latency_s=_non_negative(c.get("p2p_full_cores_latency_s", 0.0)),
+                    grad_allreduce_latency_s=_non_negative(c.get("grad_allreduce_latency_s", 0.0)),
+                    grad_allreduce_bw_bytes_per_s=_non_negative(c.get("grad_allreduce_bw_bytes_per_s", 0.0)),
                     samples=tuple((s["kind"], int(s["bytes"]), float(s["time_s"])) for s in c.get("samples", ())))
             rates = tuple((k, _positive(v)) for k, v in sorted(d["matmul_flops_per_s"].items()))
             if not rates:
@@ -502,8 +515,8 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def compute_gap():
-        end = time.perf_counter() + COMM_GAP_S
+    def compute_gap(gap_s=COMM_GAP_S):
+        end = time.perf_counter() + gap_s
         while time.perf_counter() < end:
             pass
 
@@ -577,6 +590,24 @@ def _comm_worker(rank: int, world: int, port: int, device: str, out_file: str, r
                 dist.all_gather(both, stamps)
                 rounds = (both[1] - both[0]).tolist()
             samples.append((kind, x.numel() * 4, _trimmed_mean(rounds[2:])))
+    # NOTE: [all-reduces after a backward] A stage's gradient all-reduce (and a tied parameter's)
+    # comes after its whole backward, tens of ms of compute on a CPU. After that long, an all-reduce
+    # more often waits for a scheduler tick: on the development VM, 256 KB between two ranks took
+    # 0.3-0.7 ms or 2.8-6.1 ms, about half of each, after 20-40 ms of matmuls (2026-11-25), and in
+    # training a tied embedding's 256 KB took 4.1 ms against 0.8 ms predicted from all-reduces
+    # timed after 2 ms. So those all-reduces are timed after GRAD_GAP_S of compute as well.
+    for num_bytes in GRAD_BYTES:
+        x = torch.zeros(max(num_bytes // 4, 1), device=dev)
+        rounds = []
+        for _ in range(4 * repeats + 2):  # two warm-up rounds
+            dist.barrier()
+            sync()
+            compute_gap(GRAD_GAP_S)
+            start = time.perf_counter()
+            all_reduce(x)
+            sync()
+            rounds.append(time.perf_counter() - start)
+        samples.append(("grad_allreduce", x.numel() * 4, _trimmed_mean(rounds[2:])))
     if device == "cpu":
         samples.append(("p2p_full_cores", 4, _trimmed_mean(_full_cores_one_way(one_way, rank, world, repeats))))
     if rank == 0:
@@ -666,6 +697,7 @@ def measure_comm(num_ranks: int, device: str = "cpu", repeats: int = 7) -> CommP
     p2p_lat, p2p_bw = _latency_and_bw([(b, t) for k, b, t in samples if k == "p2p"])
     posts = [t for k, _, t in samples if k == "p2p_post"]
     ar_lat, ar_rate = _latency_and_bw([(b, t) for k, b, t in samples if k == "allreduce"])
+    grad_lat, grad_rate = _latency_and_bw([(b, t) for k, b, t in samples if k == "grad_allreduce"])
     # Ring: t = 2(n-1) latency + 2(n-1)/n bytes / bw, so the per-link numbers are:
     n = num_ranks
     return CommProfile(num_ranks=n, backend="nccl" if device == "cuda" else "gloo",
@@ -674,6 +706,8 @@ def measure_comm(num_ranks: int, device: str = "cpu", repeats: int = 7) -> CommP
                        allreduce_bw_bytes_per_s=ar_rate * 2 * (n - 1) / n,
                        p2p_post_s=sum(posts) / len(posts) if posts else 0.0,
                        p2p_full_cores_latency_s=next((t for k, _, t in samples if k == "p2p_full_cores"), 0.0),
+                       grad_allreduce_latency_s=max(grad_lat / (2 * (n - 1)), 1e-9),
+                       grad_allreduce_bw_bytes_per_s=grad_rate * 2 * (n - 1) / n,
                        samples=tuple((k, int(b), float(t)) for k, b, t in samples))
 
 
@@ -755,6 +789,9 @@ def summary(profile: DeviceProfile) -> str:
                      f"({c.backend}, {c.num_ranks} ranks)")
         lines.append(f"all-reduce   {c.allreduce_latency_s * 1e6:10.2f} us + bytes / "
                      f"{c.allreduce_bw_bytes_per_s / 1e9:.2f} GB/s per ring link")
+        if c.grad_allreduce_bw_bytes_per_s > 0:
+            lines.append(f"  gradients  {c.grad_allreduce_latency_s * 1e6:10.2f} us + bytes / "
+                         f"{c.grad_allreduce_bw_bytes_per_s / 1e9:.2f} GB/s per ring link, after a backward")
         if c.p2p_post_s > 0:
             lines.append(f"posting      {c.p2p_post_s * 1e6:10.2f} us of the rank's own time per send or receive")
         if c.p2p_full_cores_latency_s > 0:

@@ -1906,7 +1906,7 @@ def step_time_s(decision: PlanDecision, costs: ModelCosts, cluster: Cluster, sch
         parts = st.tp_parts or (1,) * tp
         allreduce_times.append(max(
             allreduce_time_s(sum(b.param_bytes * tp_share(b.tp_param_fraction, parts[i], sum(parts)) for b in blocks),
-                             cluster, st.devices[i::tp]) for i in range(tp)))
+                             cluster, st.devices[i::tp], gradients=True) for i in range(tp)))
     any_problem = problems[1 if 1 in problems else next(iter(problems))]
     sends = [any_problem.cut_send(st.first_block, max(max(a.shares), max(st.shares))) / TIME_UNITS_PER_S
              for a, st in zip(decision.stages, decision.stages[1:])]

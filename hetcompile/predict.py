@@ -76,7 +76,7 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
         # that other stages use too are summed with those (shared_allreduce below), not here.
         crossing = sum(sp.param_bytes for sp, _ in shared if st.first_block <= sp.blocks[0] <= st.last_block)
         allreduce.append(max(allreduce_time_s(max(_shard_bytes(blocks, parts[i], sum(parts)) - crossing, 0.0),
-                                              cluster, list(st.devices[i::tp])) for i in range(tp)))
+                                              cluster, list(st.devices[i::tp]), gradients=True) for i in range(tp)))
         num_tensors = sum(b.num_param_tensors for b in blocks)
         optimizer_s = max(optimizer_time_s(num_tensors, param_bytes, cluster.type_of(devices[d].type))
                           for d in st.devices)
@@ -90,7 +90,7 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
     shared_allreduce = []
     for sp, members in shared:
         group = list(dict.fromkeys(d for s in members for d in stages[s].devices))
-        shared_allreduce.append((members, allreduce_time_s(sp.param_bytes, cluster, group)))
+        shared_allreduce.append((members, allreduce_time_s(sp.param_bytes, cluster, group, gradients=True)))
     return {"fwd_s": fwd, "bwd_s": bwd, "send_fwd_s": send_fwd, "send_bwd_s": send_bwd, "allreduce_s": allreduce,
             "update_s": update, **_notices(decision, cluster, notice_fwd, notice_bwd),
             "shared_allreduce_s": shared_allreduce}

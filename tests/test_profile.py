@@ -104,6 +104,14 @@ def test_profiled_cost_model_adds_per_op_and_optimizer_terms():
     assert optimizer_time_s(2, 4096, t) == pytest.approx(2 * 40e-6 + 7 * 4096 / 10e9)
     # All-reduce on one profiled node uses the measured collective numbers.
     assert allreduce_time_s(1e6, cpu, [0, 1]) == pytest.approx(2 * 40e-6 + 1e6 / 1e9)
+    # A gradient all-reduce too, where the profile has no numbers of its own for one ...
+    assert allreduce_time_s(1e6, cpu, [0, 1], gradients=True) == pytest.approx(2 * 40e-6 + 1e6 / 1e9)
+    # ... and its own where it has (NOTE: [all-reduces after a backward]).
+    grads = dataclasses.replace(_profile().comm, grad_allreduce_latency_s=100e-6, grad_allreduce_bw_bytes_per_s=0.5e9)
+    after = load_cluster({"nodes": [{"device": "CPU", "count": 2}],
+                          "devices": {"CPU": {"profile": dataclasses.replace(_profile(), comm=grads).to_json()}}})
+    assert allreduce_time_s(1e6, after, [0, 1], gradients=True) == pytest.approx(2 * 100e-6 + 1e6 / 0.5e9)
+    assert allreduce_time_s(1e6, after, [0, 1]) == pytest.approx(2 * 40e-6 + 1e6 / 1e9)
 
     # The predictor: a micro-batch's forward is share x per-sample time + the per-op time, whatever the share.
     costs = _costs(num_blocks=2, batch=8)
