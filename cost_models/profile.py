@@ -20,14 +20,17 @@ What is measured, and the model each number feeds (timed with
 - an Adam step per parameter tensor (the per-tensor loop of torch's CPU
   optimizers): ``optimizer_per_tensor_s``;
 - with ``models``, the model's own blocks (forward, and backward, of each
-  distinct layer at a few samples per call, fitted as ``t = fixed + per_sample
-  * samples``): ``block_times``, keyed by the block's signature
-  (:mod:`hetcompile.block_profile`); the cost model prices those blocks by them;
+  distinct layer at samples per call from 1 up to the model's batch, fitted as
+  ``t = fixed + per_sample * samples``): ``block_times``, keyed by the block's
+  signature (:mod:`hetcompile.block_profile`); the cost model prices those
+  blocks by their measured points (NOTE: [measured curve]);
 - with ``num_ranks >= 2`` local processes (gloo on CPU, NCCL on CUDA):
   one-way point-to-point and all-reduce over message sizes, each fitted as
   ``t = latency + bytes / bw`` (all-reduce as ring-equivalent link numbers,
   so :func:`cost_models.comm.ring_allreduce_time_s` reproduces the measured
-  time for ``num_ranks`` ranks).
+  time for ``num_ranks`` ranks); all-reduces once more after a backward's worth
+  of compute (NOTE: [all-reduces after a backward]); and, on a CPU, a transfer
+  while every core computes (NOTE: [transfers on full cores]).
 
 The file is versioned JSON (:meth:`DeviceProfile.to_json`); raw samples are
 kept beside the fitted numbers so a reader can check the fit.
