@@ -17,8 +17,10 @@
    CPU devices on one node whose ``CPU`` type names the profile, and read the
    predicted step time (``plan.predicted["step_time_s"]``, the one predictor).
 3. Run it with ``hetcompile.launch.run`` (torchrun, one process per rank,
-   OMP_NUM_THREADS=1) and take the median of the per-step times rank 0 prints
-   after ``--warmup`` steps.
+   OMP_NUM_THREADS=1) for ``--steps`` steps, or more where its predicted steps
+   are short (at least MEASURED_S seconds of steps after the warm-up, at most
+   MAX_STEPS), and take the median of the per-step times rank 0 prints after
+   ``--warmup`` steps.
 4. Print each pair, the machine's 1-minute load average before and after the run
    (other processes slow the ranks down; the blocks are profiled by CPU time).
 5. Repeat steps 1-4 for ``--rounds`` rounds, every plan once a round, and print
@@ -149,7 +151,7 @@ def _header(title: str, last: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="times every plan is profiled and run (default 3)")
-    parser.add_argument("--steps", type=int, default=14, help="training steps per plan (default 14)")
+    parser.add_argument("--steps", type=int, default=14, help="training steps per plan, at least (default 14)")
     parser.add_argument("--warmup", type=int, default=4, help="steps left out of the median (default 4)")
     parser.add_argument("--profile", default=None, help="use this profile file instead of measuring one")
     parser.add_argument("--no-blocks", action="store_true",
