@@ -39,7 +39,6 @@ kept beside the fitted numbers so a reader can check the fit.
 from __future__ import annotations
 
 import bisect
-
 import datetime
 import json
 import logging

@@ -283,7 +283,8 @@ def _share_cores(actions, times: dict, timeline: Timeline, decision, costs: Mode
         for kind, per_stage in full.items():
             for s, old in enumerate(per_stage):
                 new = 0.5 * (old + on_full[kind].get(s, old))
-                moved, per_stage[s] = max(moved, abs(new - old) * extra[s] / max(unshared[kind][s], 1e-12)), new
+                base = unshared[kind][s]  # a send that takes no time stays at none
+                moved, per_stage[s] = max(moved, abs(new - old) * extra[s] / base if base > 0 else 0.0), new
         times = {**times, "fwd_s": [t * x for t, x in zip(unshared[FORWARD], slowdown[FORWARD])],
                  "bwd_s": [t * x for t, x in zip(unshared[BACKWARD], slowdown[BACKWARD])],
                  # a stage with nothing to send (the last forward, the first backward) keeps 0
