@@ -13,9 +13,7 @@ from cost_models.comm import allreduce_time_s, p2p_time_s
 from cost_models.memory import stage_memory_bytes, tp_share
 from cost_models.roofline import block_overhead_s, block_time_s, optimizer_time_s, stage_call_overhead_s
 from hetcompile.ir import ModelCosts, SharedParams
-from hetcompile.schedule import BACKWARD, FORWARD, Timeline, make_schedule, simulate
-
-SEND_F, SEND_B = "send_" + FORWARD, "send_" + BACKWARD  # the simulator's kinds of send spans
+from hetcompile.schedule import BACKWARD, FORWARD, SEND_B, SEND_F, Timeline, make_schedule, simulate
 
 # Rounds of the fixed point that slows compute on nodes whose ranks share cores (_share_cores),
 # and the relative change of every stage's time at which it stops.

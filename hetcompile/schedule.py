@@ -66,6 +66,7 @@ __all__ = [
 FORWARD = "F"
 BACKWARD = "B"
 _KINDS = (FORWARD, BACKWARD)
+SEND_F, SEND_B = "send_" + FORWARD, "send_" + BACKWARD  # the spans of a forward's and a backward's send
 
 # No leading zeros, so that str(Action.parse(text)) == text for every accepted text.
 _ACTION_RE = re.compile(r"(0|[1-9][0-9]*)([FB])(0|[1-9][0-9]*)")
@@ -558,9 +559,9 @@ def simulate(
                 done_s = end_s[s, kind, m] = free_at_s[r] = start_s + duration_s
                 spans.append(Span(s, kind, m, start_s, done_s))
                 if kind == FORWARD and s < num_stages - 1:
-                    spans.append(Span(s, "send_F", m, done_s, done_s + send_fwd_s[s]))
+                    spans.append(Span(s, SEND_F, m, done_s, done_s + send_fwd_s[s]))
                 if kind == BACKWARD and s > 0:
-                    spans.append(Span(s, "send_B", m, done_s, done_s + send_bwd_s[s]))
+                    spans.append(Span(s, SEND_B, m, done_s, done_s + send_bwd_s[s]))
                 next_index[r] += 1
                 remaining -= 1
 
