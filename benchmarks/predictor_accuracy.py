@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -52,27 +51,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import hetcompile  # noqa: E402
+from benchmarks.models import example_file  # noqa: E402
 from cost_models.profile import load_profile, measure_profile, save_profile, summary  # noqa: E402
 from hetcompile.compiler import analyze  # noqa: E402
 from hetcompile.launch import run  # noqa: E402
 from hetcompile.planner import PlanDecision, StageDecision  # noqa: E402
 
-EXAMPLES = ROOT / "examples"
-
-
-# NOTE: [steps over the tick] The example MLP (width 64, batch 32) trains in 1-4 ms a step
-# here, under two of this VM's 4 ms scheduler ticks (CONFIG_HZ=250): its steps measure when the
-# OS wakes a rank, not the plan. The same compiled 2-stage plan, predicted 4.0 ms, measured a
-# median of 4.2, 8.0 and 8.0 ms in one run's three rounds and 3.9-7.8 ms in the next, its steps
-# 2-12 ms within one run (2026-11-25 00:25-00:50 UTC). So the benchmark trains the MLP at a
-# width and batch whose steps last tens of ms, as every other plan's do.
-MLP_WIDE = {"WIDTH": 512, "BATCH": 256}  # what mlp_wide.py changes in examples/mlp.py
 
 # (label, model file, schedule, micro-batches, stages). A stage is (first block, last block,
 # devices, share weights); a negative block counts from the end, and each micro-batch is split
 # across the stage's devices in proportion to the weights (so the plans follow the example
 # files if their batch changes). Blocks: mlp 14, gpt2 6, llama 6. At most 3 ranks: this
-# machine has 2 cores, and each rank is one single-threaded process.
+# machine has 2 cores, and each rank is one single-threaded process. mlp_wide.py: the example MLP
+# at width 512, batch 256 (NOTE: [steps over the tick] in benchmarks/models.py).
 PLANS = [
     ("mlp  2 stages gpipe M=4", "mlp_wide.py", "gpipe", 4, [(0, 6, (0,), (1,)), (7, -1, (1,), (1,))]),
     ("mlp  1 stage DP 3:1 1f1b M=2", "mlp_wide.py", "1f1b", 2, [(0, -1, (0, 1), (3, 1))]),
@@ -103,20 +94,6 @@ def pinned_decision(stages, num_microbatches: int, num_blocks: int, global_batch
         shares[0] += b - sum(shares)
         out.append(StageDecision(first % num_blocks, last % num_blocks, tuple(devices), tuple(shares)))
     return PlanDecision(stages=tuple(out), num_microbatches=num_microbatches, microbatch_size=b, schedule=schedule)
-
-
-def model_file(name: str, tmp: Path) -> Path:
-    """The model file of a PLANS entry: an example, or mlp_wide.py (NOTE: [steps over the tick])
-    written into ``tmp``."""
-    if name != "mlp_wide.py":
-        return EXAMPLES / name
-    text = (EXAMPLES / "mlp.py").read_text()
-    for constant, value in MLP_WIDE.items():
-        text, found = re.subn(rf"^{constant} = \d+$", f"{constant} = {value}", text, flags=re.M)
-        assert found == 1, f"examples/mlp.py no longer sets {constant}"
-    path = tmp / name
-    path.write_text(text)
-    return path
 
 
 def steps_for(predicted_s: float, steps: int, warmup: int) -> int:
@@ -169,7 +146,7 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {label: [] for label, *_ in plans}
     profiles = []
     with tempfile.TemporaryDirectory(prefix="hetcompile-accuracy-") as tmp:
-        path_of = {model: model_file(model, Path(tmp)) for model in {p[1] for p in plans}}
+        path_of = {model: example_file(model, Path(tmp)) for model in {p[1] for p in plans}}
         costs_of = {model: analyze(path)[1] for model, path in path_of.items()}
         spec_path = Path(tmp) / "cluster.json"
         spec_path.write_text(json.dumps({"nodes": [{"device": "CPU", "count": 3}],

@@ -39,16 +39,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-EXAMPLES = ROOT / "examples"
+from benchmarks.models import example_file  # noqa: E402
 
 # case -> (model file, schedule, micro-batches, the last block of every stage but the last);
-# stage s runs on rank s % 2
+# stage s runs on rank s % 2. mlp_wide.py: the example MLP at width 512, batch 256, whose steps
+# outlast the scheduler's tick (NOTE: [steps over the tick] in benchmarks/models.py).
 CASES = {
-    "mlp-gpipe": ("mlp.py", "gpipe", 4, (6,)),
-    "mlp-1f1b": ("mlp.py", "1f1b", 4, (6,)),
+    "mlp-gpipe": ("mlp_wide.py", "gpipe", 4, (6,)),
+    "mlp-1f1b": ("mlp_wide.py", "1f1b", 4, (6,)),
     "llama-1f1b": ("llama.py", "1f1b", 4, (2,)),
     "llama-gpipe": ("llama.py", "gpipe", 2, (2,)),
-    "mlp-interleaved": ("mlp.py", "interleaved", 4, (3, 6, 9)),
+    "mlp-interleaved": ("mlp_wide.py", "interleaved", 4, (3, 6, 9)),
     "llama-interleaved": ("llama.py", "interleaved", 4, (1, 2, 3)),
 }
 
@@ -96,7 +97,7 @@ def _build_reference(mf, model, first: int, last: int, num_blocks: int):
     return Piece(), causal_lm_loss
 
 
-def reference_worker(case: str, steps: int) -> None:
+def reference_worker(case: str, model_path: str, steps: int) -> None:
     import torch
     import torch.distributed as dist
     from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
@@ -106,10 +107,10 @@ def reference_worker(case: str, steps: int) -> None:
     from hetcompile.runtime.host_memory import keep_freed_memory
 
     keep_freed_memory()  # as hetcompile's CPU ranks do, so that the ratio compares the runtimes alone
-    model_file, schedule_name, num_microbatches, _ = CASES[case]
+    _, schedule_name, num_microbatches, _ = CASES[case]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
-    mf = load_model_file(EXAMPLES / model_file)
+    mf = load_model_file(model_path)
     model = mf.build_model(0)
     num_blocks = len(model) + 1 if isinstance(model, torch.nn.Sequential) else len(model.model.layers) + 2
     blocks = _stage_blocks(case, num_blocks)
@@ -159,11 +160,11 @@ def _step_times_s(text: str, warmup: int) -> list[float]:
     return times[warmup:]
 
 
-def run_reference(case: str, steps: int, warmup: int) -> list[float]:
+def run_reference(case: str, model_path: Path, steps: int, warmup: int) -> list[float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", __file__, "--reference", case, "--steps", str(steps)]
+           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", __file__, "--reference", case, "--model", str(model_path), "--steps", str(steps)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"reference run of {case} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -178,18 +179,18 @@ def run_hetcompile(plan_dir: Path, steps: int, warmup: int) -> list[float]:
     return _step_times_s(out.getvalue(), warmup)
 
 
-def compile_case(case: str, out_dir: Path) -> Path:
+def compile_case(case: str, model_path: Path, out_dir: Path) -> Path:
     import hetcompile
     from hetcompile.compiler import analyze
     from hetcompile.planner import PlanDecision, StageDecision
 
-    model_file, schedule, num_microbatches, _ = CASES[case]
-    _, costs = analyze(EXAMPLES / model_file)
+    _, schedule, num_microbatches, _ = CASES[case]
+    _, costs = analyze(model_path)
     b = costs.global_batch // num_microbatches
     decision = PlanDecision(stages=tuple(StageDecision(first, last, (s % 2,), (b,)) for s, (first, last)
                                          in enumerate(_stage_blocks(case, costs.num_blocks))),
                             num_microbatches=num_microbatches, microbatch_size=b, schedule=schedule)
-    plan = hetcompile.compile(str(EXAMPLES / model_file), {"nodes": [{"device": "CPU", "count": 2}]},
+    plan = hetcompile.compile(str(model_path), {"nodes": [{"device": "CPU", "count": 2}]},
                               schedule=schedule, microbatches=num_microbatches, decision=decision)
     return plan.save(out_dir / case)
 
@@ -201,25 +202,27 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each way (default 3)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)  # worker mode, under torchrun
+    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)  # the worker's model file
     args = parser.parse_args(argv)
     if args.reference:
-        reference_worker(args.reference, args.steps)
+        reference_worker(args.reference, args.model, args.steps)
         return 0
 
-    print(f"{'case':<12} {'hetcompile ms':>14} {'reference ms':>13} {'ratio':>7}  ratio per round")
+    print(f"{'case':<17} {'hetcompile ms':>14} {'reference ms':>13} {'ratio':>7}  ratio per round")
     with tempfile.TemporaryDirectory(prefix="hetcompile-overhead-") as tmp:
         for case in args.cases.split(","):
-            plan_dir = compile_case(case, Path(tmp))
+            model_path = example_file(CASES[case][0], Path(tmp))
+            plan_dir = compile_case(case, model_path, Path(tmp))
             het, ref, per_round = [], [], []
             for _ in range(args.rounds):
                 het_round = run_hetcompile(plan_dir, args.steps, args.warmup)
-                ref_round = run_reference(case, args.steps, args.warmup)
+                ref_round = run_reference(case, model_path, args.steps, args.warmup)
                 het += het_round
                 ref += ref_round
                 per_round.append(statistics.median(het_round) / statistics.median(ref_round))
             het_s, ref_s = statistics.median(het), statistics.median(ref)
             rounds = " ".join(f"{r:.2f}" for r in per_round)
-            print(f"{case:<12} {het_s * 1e3:>14.2f} {ref_s * 1e3:>13.2f} {het_s / ref_s:>6.2f}x  {rounds}", flush=True)
+            print(f"{case:<17} {het_s * 1e3:>14.2f} {ref_s * 1e3:>13.2f} {het_s / ref_s:>6.2f}x  {rounds}", flush=True)
     return 0
 
 
