@@ -19,6 +19,9 @@ What is measured, and the model each number feeds (timed with
   ``op_fwd_overhead_s``, ``op_bwd_overhead_s``;
 - an Adam step per parameter tensor (the per-tensor loop of torch's CPU
   optimizers): ``optimizer_per_tensor_s``;
+- with ``models``, the model file's own optimizer (its step on the model's
+  parameters and on small tensors: per tensor and per byte): ``optimizer_times``,
+  keyed by its class and settings (:mod:`hetcompile.block_profile`);
 - with ``models``, the model's own blocks (forward, and backward, of each
   distinct layer at samples per call from 1 up to the model's batch, fitted as
   ``t = fixed + per_sample * samples``): ``block_times``, keyed by the block's
@@ -153,6 +156,25 @@ class BlockTime:
 
 
 @dataclass(frozen=True)
+class OptimizerTime:
+    """Measured step of a model file's own optimizer on this device
+    (:func:`hetcompile.block_profile.measure_model_optimizer`): ``per_tensor_s`` per parameter
+    tensor (the per-tensor loop) plus ``per_byte_s`` per parameter byte.
+
+    Keyed by :func:`hetcompile.block_profile.optimizer_signature` (its class and which of its
+    settings are on), so SGD with momentum is not priced as AdamW.
+    """
+
+    signature: str
+    name: str  # "mlp.py: SGD", for a reader
+    per_tensor_s: float
+    per_byte_s: float
+
+    def step_time_s(self, num_tensors: int, param_bytes: float) -> float:
+        return num_tensors * self.per_tensor_s + param_bytes * self.per_byte_s
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """Measured numbers of one device type (see the module docstring for each).
 
@@ -188,12 +210,21 @@ class DeviceProfile:
     # CPU: the cores the measuring process could run on (0: not recorded). One device is one rank
     # of num_threads threads; a node of more devices than cores / num_threads shares its cores.
     num_cores: int = 0
+    # The models' own optimizers, measured (`hetcompile profile --model M.py`); without one, the
+    # optimizer is priced as AdamW (optimizer_per_tensor_s and the memory traffic).
+    optimizer_times: tuple[OptimizerTime, ...] = ()
 
     def block_time(self, signature: str) -> BlockTime | None:
         """The measured block of this signature, or None."""
         if not signature:
             return None
         return next((t for t in self.block_times if t.signature == signature), None)
+
+    def optimizer_time(self, signature: str) -> OptimizerTime | None:
+        """The measured optimizer of this signature, or None."""
+        if not signature:
+            return None
+        return next((t for t in self.optimizer_times if t.signature == signature), None)
 
     def flops_per_s(self, dtype: str) -> float:
         rates = dict(self.matmul_flops_per_s)
@@ -251,6 +282,8 @@ class DeviceProfile:
                         "bwd_per_sample_s": b.bwd_per_sample_s,
                         "samples": [{"samples": n, "fwd_s": f, "bwd_s": bw} for n, f, bw in b.samples]}
                        for b in self.block_times],
+            "optimizers": [{"signature": o.signature, "name": o.name, "per_tensor_s": o.per_tensor_s,
+                            "per_byte_s": o.per_byte_s} for o in self.optimizer_times],
         }
         if self.comm is not None:
             c = self.comm
@@ -308,7 +341,12 @@ class DeviceProfile:
                               bwd_per_sample_s=_non_negative(b["bwd_per_sample_s"]),
                               samples=tuple((int(x["samples"]), float(x["fwd_s"]), float(x["bwd_s"]))
                                             for x in b.get("samples", ())))
-                    for b in d.get("blocks", ())))
+                    for b in d.get("blocks", ())),
+                optimizer_times=tuple(
+                    OptimizerTime(signature=str(o["signature"]), name=str(o.get("name", "")),
+                                  per_tensor_s=_non_negative(o["per_tensor_s"]),
+                                  per_byte_s=_non_negative(o["per_byte_s"]))
+                    for o in d.get("optimizers", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where} is malformed ({type(e).__name__}: {e}). Write a new one with "
                             "`hetcompile profile -o profile.json`.") from None
@@ -744,9 +782,10 @@ def measure_profile(device: str = "cpu", *, num_ranks: int = 1, num_threads: int
     finally:
         torch.set_num_threads(old_threads)
     block_times: dict[str, BlockTime] = {}
+    optimizer_times: dict[str, OptimizerTime] = {}
     calls: list[tuple[float, float]] = []
     if models:
-        from hetcompile.block_profile import measure_blocks
+        from hetcompile.block_profile import measure_blocks, measure_model_optimizer
 
         for model in models:
             times, call = measure_blocks(model, device, num_threads=num_threads,
@@ -754,6 +793,8 @@ def measure_profile(device: str = "cpu", *, num_ranks: int = 1, num_threads: int
             calls.append(call)
             for t in times:
                 block_times.setdefault(t.signature, t)
+            o = measure_model_optimizer(model, device, num_threads=num_threads, min_run_time_s=run_s)
+            optimizer_times.setdefault(o.signature, o)
     comm = measure_comm(num_ranks, device, repeats=3 if quick else 7) if num_ranks >= 2 else None
     profile = DeviceProfile(
         device=device, device_name=name, num_threads=num_threads, matmul_flops_per_s=rates,
@@ -761,6 +802,7 @@ def measure_profile(device: str = "cpu", *, num_ranks: int = 1, num_threads: int
         optimizer_per_tensor_s=optimizer, comm=comm, torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         matmul_samples=samples, block_times=tuple(block_times.values()),
+        optimizer_times=tuple(optimizer_times.values()),
         stage_call_fwd_s=min((c[0] for c in calls), default=0.0), stage_call_bwd_s=min((c[1] for c in calls), default=0.0),
         num_cores=usable_cores() if device == "cpu" else 0)
     logger.info("profile: %s", summary(profile))
@@ -778,13 +820,16 @@ def summary(profile: DeviceProfile) -> str:
     lines.append(f"memory bw    {profile.mem_bw_bytes_per_s / 1e9:10.2f} GB/s (elementwise mix, read + write)")
     lines.append(f"per-op       {profile.op_fwd_overhead_s * 1e6:10.2f} us forward, "
                  f"{profile.op_bwd_overhead_s * 1e6:.2f} us backward")
-    lines.append(f"optimizer    {profile.optimizer_per_tensor_s * 1e6:10.2f} us per parameter tensor (AdamW)")
+    lines.append(f"optimizer    {profile.optimizer_per_tensor_s * 1e6:10.2f} us per parameter tensor "
+                 "(AdamW, for a model whose own is not measured)")
     if profile.block_times:
         lines.append(f"stage call   {profile.stage_call_fwd_s * 1e6:10.2f} us forward, "
                      f"{profile.stage_call_bwd_s * 1e6:.2f} us backward (per stage and micro-batch)")
     for b in profile.block_times:
         lines.append(f"block        {b.fwd_fixed_s * 1e6:8.1f} + {b.fwd_per_sample_s * 1e6:.1f} us/sample forward, "
                      f"{b.bwd_fixed_s * 1e6:.1f} + {b.bwd_per_sample_s * 1e6:.1f} us/sample backward: {b.name}")
+    for o in profile.optimizer_times:
+        lines.append(f"optimizer    {o.per_tensor_s * 1e6:10.2f} us per tensor + {o.per_byte_s * 1e12:.1f} us/MB: {o.name}")
     if profile.comm is not None:
         c = profile.comm
         lines.append(f"p2p          {c.p2p_latency_s * 1e6:10.2f} us + bytes / {c.p2p_bw_bytes_per_s / 1e9:.2f} GB/s "

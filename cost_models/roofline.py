@@ -120,11 +120,13 @@ def stage_call_overhead_s(device: DeviceType) -> tuple[float, float]:
 OPTIMIZER_BYTES_PER_PARAM_BYTE = 7.0
 
 
-def optimizer_time_s(num_param_tensors: int, param_bytes: float, device: DeviceType) -> float:
+def optimizer_time_s(num_param_tensors: int, param_bytes: float, device: DeviceType, optimizer: str = "") -> float:
     """Seconds of one optimizer step over these parameters: per-tensor loop turns plus memory traffic.
 
-    0 without a profile: the datasheet model leaves the optimizer out (on a GPU a
-    fused step over the stage's parameters is small beside the pipeline).
+    ``optimizer``: the model's (``ModelCosts.optimizer``); where the device's profile measured
+    it, its measured step, and otherwise an AdamW step. 0 without a profile: the datasheet
+    model leaves the optimizer out (on a GPU a fused step over the stage's parameters is small
+    beside the pipeline).
 
     >>> from cost_models.devices import CATALOG
     >>> optimizer_time_s(4, 1e9, CATALOG["A100-80GB"])
@@ -133,4 +135,7 @@ def optimizer_time_s(num_param_tensors: int, param_bytes: float, device: DeviceT
     if device.profile is None:
         return 0.0
     p = device.profile
+    measured = p.optimizer_time(optimizer)
+    if measured is not None:
+        return measured.step_time_s(num_param_tensors, param_bytes)
     return num_param_tensors * p.optimizer_per_tensor_s + OPTIMIZER_BYTES_PER_PARAM_BYTE * param_bytes / p.mem_bw_bytes_per_s

@@ -22,7 +22,9 @@ Metis do, time the layers themselves:
 
 The predictor uses a device's measured block times where its profile has the
 block's signature, and the kernel-level model otherwise
-(:func:`cost_models.roofline.block_time_s`).
+(:func:`cost_models.roofline.block_time_s`). Beside the blocks, the model file's
+own optimizer is timed (:func:`measure_model_optimizer`): a step costs what
+that optimizer does, not what AdamW does.
 
 >>> times, _ = measure_blocks("examples/mlp.py", sizes=(1, 2, 4))  # doctest: +SKIP
 >>> times[0].signature == block_signatures(*analyze("examples/mlp.py"))[0]  # doctest: +SKIP
@@ -40,7 +42,7 @@ import time
 import torch
 import torch.fx
 
-from cost_models.profile import BlockTime, fit_overhead_and_rate
+from cost_models.profile import BlockTime, OptimizerTime, fit_overhead_and_rate
 
 logger = logging.getLogger(__name__)
 
@@ -343,3 +345,86 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=No
         logger.info("block %s: fwd %.1f us + %.1f us/sample, bwd %.1f us + %.1f us/sample", out[-1].name,
                     fwd_fixed * 1e6, 1e6 / fwd_rate, bwd_fixed * 1e6, 1e6 / bwd_rate)
     return tuple(out), (call_fwd_s, call_bwd_s)
+
+
+# ---------------------------------------------------------------- the model's optimizer
+
+
+def _setting(value) -> str:
+    """How an optimizer setting enters its signature: a number only as zero or not (a learning
+    rate or a beta does not change the work, momentum 0 against 0.9 does: no buffer)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (int, float)):
+        return "0" if value == 0 else "x"
+    return "x"
+
+
+def optimizer_signature(mf) -> str:
+    """The model file's optimizer as a device profile keys its measured step: its class and
+    which settings are on, e.g. ``SGD(dampening=0,...,momentum=x,nesterov=False,...)``.
+    "" where the model file's ``get_optimizer`` cannot build one on a lone parameter (the cost
+    model then prices the step as AdamW's)."""
+    try:
+        opt = mf.get_optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except Exception as e:  # a user's get_optimizer: pricing it is not worth failing the compile
+        logger.debug("no optimizer signature: %s: %s", type(e).__name__, e)
+        return ""
+    settings = ",".join(f"{k}={_setting(v)}" for k, v in sorted(opt.defaults.items()))
+    return f"{type(opt).__qualname__}({settings})"
+
+
+# NOTE: [an optimizer step after a backward] A rank steps its optimizer right after its
+# backward, which has streamed the stage's activations through the caches, so the parameters,
+# gradients and optimizer state come from memory. Stepped over and over, they stay in the cache:
+# on the 2-vCPU VM (32 MiB L3) the example GPT-2's AdamW step took 1.6-2.0 ms so, 2.2-2.3 ms
+# after writing a 64 MiB buffer, and 2.4-2.8 ms in a training step's trace; the wide MLP's SGD
+# step 0.45-0.60 ms so, 0.79-0.82 ms after the buffer (2026-11-25). So each timed step follows a
+# sweep of a buffer larger than a CPU's last-level cache.
+_CACHE_SWEEP_BYTES = 256 << 20
+
+
+def measure_model_optimizer(model, device: str = "cpu", *, num_threads: int = 1,
+                            min_run_time_s: float = 0.1, num_small: int = 16) -> OptimizerTime:
+    """Time the model file's own optimizer: its step over the model's parameters, and over
+    ``num_small`` 16x16 tensors (the per-tensor loop). The small step gives the time per tensor,
+    the model's step what is left per byte. Timed like the blocks (NOTE: [CPU time of a block]),
+    each step after a sweep of the caches (NOTE: [an optimizer step after a backward]).
+
+    >>> measure_model_optimizer("examples/mlp.py").name  # doctest: +SKIP
+    'mlp.py: SGD'
+    """
+    from cost_models.profile import _device
+    from hetcompile.compiler import _as_model_file
+
+    dev, sync_stmt, _ = _device(device)
+    sync = torch.cuda.synchronize if sync_stmt else (lambda: None)
+    clock = _clock(device, num_threads)
+    mf = _as_model_file(model, None)
+    params = [p for p in mf.build_model(0).to(dev).parameters() if p.requires_grad]
+    small = [torch.nn.Parameter(torch.randn(16, 16, device=dev)) for _ in range(num_small)]
+    sweep = torch.zeros(_CACHE_SWEEP_BYTES // 4, device=dev)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        step_s = {}
+        for key, tensors in (("model", params), ("small", small)):
+            for t in tensors:
+                t.grad = torch.randn_like(t) * 1e-3
+            opt = mf.get_optimizer(tensors)
+            opt.step()  # its state, as after a rank's first step
+            runs, deadline = [], time.perf_counter() + min_run_time_s
+            while len(runs) < 5 or time.perf_counter() < deadline:
+                sweep.add_(1.0)
+                sync()
+                runs.append(_time_once_s(opt.step, sync, clock))
+            step_s[key] = statistics.median(runs)
+    finally:
+        torch.set_num_threads(old_threads)
+    per_tensor_s = step_s["small"] / num_small
+    param_bytes = sum(t.numel() * t.element_size() for t in params)
+    per_byte_s = max(step_s["model"] - len(params) * per_tensor_s, 0.0) / max(param_bytes, 1)
+    name = f"{mf.path.name}: {type(opt).__qualname__}"
+    logger.info("optimizer %s: %.1f us per tensor + %.1f us/MB", name, per_tensor_s * 1e6, per_byte_s * 1e12)
+    return OptimizerTime(signature=optimizer_signature(mf), name=name, per_tensor_s=per_tensor_s,
+                         per_byte_s=per_byte_s)

@@ -206,7 +206,8 @@ def _profile_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="shorter measurements (noisier)")
     p.add_argument("--model", action="append", default=[], metavar="MODEL.py",
                    help="also time the forward and backward of this model's own blocks (layers) at a few "
-                        "micro-batch sizes; plans of the model are then priced by these times (repeatable)")
+                        "micro-batch sizes, and a step of its optimizer; plans of the model are then "
+                        "priced by these times (repeatable)")
     p.add_argument("-o", "--out", required=True, help="profile file to write (JSON)")
     return p
 

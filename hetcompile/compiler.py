@@ -21,7 +21,7 @@ from hetcompile.capture import capture
 from hetcompile.errors import UserError
 from hetcompile.lowering import lower
 from hetcompile.modelfile import ModelFile, load_model_file, module_model_file
-from hetcompile.block_profile import block_signatures
+from hetcompile.block_profile import block_signatures, optimizer_signature
 from hetcompile.planner_process import PlannerProcess
 from hetcompile.predict import predict
 from hetcompile.report import PHASES
@@ -192,8 +192,9 @@ def analyze(model, *, seed: int = 0, timings: dict | None = None, progress=None)
         grouped_attention(cap)
         annotate_costs(cap)
         costs = annotate_tp(cap, group_blocks(cap))
-        # The key of the block's measured times in a device profile (hetcompile/block_profile.py).
-        costs = dataclasses.replace(costs, blocks=tuple(
+        # The keys of the blocks' and the optimizer's measured times in a device profile
+        # (hetcompile/block_profile.py).
+        costs = dataclasses.replace(costs, optimizer=optimizer_signature(mf), blocks=tuple(
             dataclasses.replace(b, signature=sig) for b, sig in zip(costs.blocks, block_signatures(cap, costs))))
     return cap, costs
 

@@ -59,6 +59,9 @@ class ModelCosts:
     global_batch: int
     dtype: str  # "fp32", "bf16" or "fp16": the dtype of the parameters
     shared_params: tuple[SharedParams, ...] = ()
+    # The model file's optimizer, as a device profile keys its measured step
+    # (hetcompile/block_profile.py: optimizer_signature); "" prices it as AdamW.
+    optimizer: str = ""
 
     @property
     def num_blocks(self) -> int:

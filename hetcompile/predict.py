@@ -76,8 +76,8 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
         allreduce.append(max(allreduce_time_s(max(_shard_bytes(blocks, parts[i], sum(parts)) - crossing, 0.0),
                                               cluster, list(st.devices[i::tp]), gradients=True) for i in range(tp)))
         num_tensors = sum(b.num_param_tensors for b in blocks)
-        optimizer_s = max(optimizer_time_s(num_tensors, param_bytes, cluster.type_of(devices[d].type))
-                          for d in st.devices)
+        optimizer_s = max(optimizer_time_s(num_tensors, param_bytes, cluster.type_of(devices[d].type),
+                                           costs.optimizer) for d in st.devices)
         # Only a profiled cost model charges the step's tail (the datasheet one predicts compute and links).
         # A rank joins the loss's all-reduce once, however many (interleaved) stages it runs.
         first_on_ranks = all(stages[e].devices != st.devices for e in range(s))

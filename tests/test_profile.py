@@ -101,7 +101,7 @@ def test_profiled_cost_model_adds_per_op_and_optimizer_terms():
     fwd_s, bwd_s = block_time_s(block, t, "fp32")
     assert fwd_s == pytest.approx(2e7 / 20e9 + 1e5 / 10e9) and bwd_s == pytest.approx(2 * fwd_s)
     assert block_overhead_s(block, t) == pytest.approx((20 * 5e-6, 15 * 10e-6))
-    assert optimizer_time_s(2, 4096, t) == pytest.approx(2 * 40e-6 + 7 * 4096 / 10e9)
+    assert optimizer_time_s(2, 4096, t) == pytest.approx(2 * 40e-6 + 7 * 4096 / 10e9)  # as AdamW
     # All-reduce on one profiled node uses the measured collective numbers.
     assert allreduce_time_s(1e6, cpu, [0, 1]) == pytest.approx(2 * 40e-6 + 1e6 / 1e9)
     # A gradient all-reduce too, where the profile has no numbers of its own for one ...
@@ -121,6 +121,31 @@ def test_profiled_cost_model_adds_per_op_and_optimizer_terms():
     assert predicted["stages"][0]["fwd_s"] == pytest.approx(4 * fwd_s + 20 * 5e-6)
     assert predicted["stages"][1]["update_s"] > 0
     assert any(span.kind == "update" for span in timeline.spans)
+
+
+def test_the_model_files_own_optimizer_is_measured_and_priced(examples, tmp_path):
+    from hetcompile.block_profile import measure_model_optimizer, optimizer_signature
+    from hetcompile.modelfile import load_model_file
+
+    mlp = load_model_file(examples / "mlp.py")  # SGD with momentum
+    sgd = optimizer_signature(mlp)
+    assert sgd.startswith("SGD(") and "momentum=x" in sgd and "lr=x" in sgd
+    assert optimizer_signature(load_model_file(examples / "gpt2.py")).startswith("AdamW(")
+    plain = dataclasses.replace(mlp, get_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5))
+    assert "momentum=0" in optimizer_signature(plain)  # another step: no momentum buffer
+    assert optimizer_signature(dataclasses.replace(mlp, get_optimizer=lambda ps: 1 / 0)) == ""
+
+    measured = measure_model_optimizer(mlp, min_run_time_s=0.01)
+    assert measured.signature == sgd and measured.name == "mlp.py: SGD"
+    assert measured.per_tensor_s > 0 and measured.per_byte_s >= 0
+    profile = dataclasses.replace(_profile(), optimizer_times=(measured,))
+    save_profile(profile, tmp_path / "p.json")
+    assert load_profile(tmp_path / "p.json") == profile
+    t = load_cluster({"nodes": [{"device": "CPU", "count": 1}],
+                      "devices": {"CPU": {"profile": profile.to_json()}}}).type_of("CPU")
+    assert optimizer_time_s(2, 4096, t, sgd) == pytest.approx(2 * measured.per_tensor_s + 4096 * measured.per_byte_s)
+    assert optimizer_time_s(2, 4096, t, "AdamW(...)") == pytest.approx(2 * 40e-6 + 7 * 4096 / 10e9)
+    assert hetcompile.compiler.analyze(mlp)[1].optimizer == sgd  # what the predictor looks up
 
 
 def _two_type_cluster(tmp_path, fast_factor: float):
