@@ -158,8 +158,9 @@ class BlockTime:
 @dataclass(frozen=True)
 class OptimizerTime:
     """Measured step of a model file's own optimizer on this device
-    (:func:`hetcompile.block_profile.measure_model_optimizer`): ``per_tensor_s`` per parameter
-    tensor (the per-tensor loop) plus ``per_byte_s`` per parameter byte.
+    (:func:`hetcompile.block_profile.measure_model_optimizer`): ``fixed_s`` per step, plus
+    ``per_tensor_s`` per parameter tensor (the per-tensor loop), plus ``per_byte_s`` per
+    parameter byte.
 
     Keyed by :func:`hetcompile.block_profile.optimizer_signature` (its class and which of its
     settings are on), so SGD with momentum is not priced as AdamW.
@@ -169,9 +170,12 @@ class OptimizerTime:
     name: str  # "mlp.py: SGD", for a reader
     per_tensor_s: float
     per_byte_s: float
+    fixed_s: float = 0.0
 
-    def step_time_s(self, num_tensors: int, param_bytes: float) -> float:
-        return num_tensors * self.per_tensor_s + param_bytes * self.per_byte_s
+    def step_time_s(self, num_tensors: int, param_bytes: float, *, whole_step: bool = True) -> float:
+        """Seconds of a step over these parameters; ``whole_step=False``: without the per-step part
+        (parameters that share a step with others: another stage of the same rank)."""
+        return self.fixed_s * whole_step + num_tensors * self.per_tensor_s + param_bytes * self.per_byte_s
 
 
 @dataclass(frozen=True)
@@ -282,8 +286,9 @@ class DeviceProfile:
                         "bwd_per_sample_s": b.bwd_per_sample_s,
                         "samples": [{"samples": n, "fwd_s": f, "bwd_s": bw} for n, f, bw in b.samples]}
                        for b in self.block_times],
-            "optimizers": [{"signature": o.signature, "name": o.name, "per_tensor_s": o.per_tensor_s,
-                            "per_byte_s": o.per_byte_s} for o in self.optimizer_times],
+            "optimizers": [{"signature": o.signature, "name": o.name, "fixed_s": o.fixed_s,
+                            "per_tensor_s": o.per_tensor_s, "per_byte_s": o.per_byte_s}
+                           for o in self.optimizer_times],
         }
         if self.comm is not None:
             c = self.comm
@@ -345,7 +350,8 @@ class DeviceProfile:
                 optimizer_times=tuple(
                     OptimizerTime(signature=str(o["signature"]), name=str(o.get("name", "")),
                                   per_tensor_s=_non_negative(o["per_tensor_s"]),
-                                  per_byte_s=_non_negative(o["per_byte_s"]))
+                                  per_byte_s=_non_negative(o["per_byte_s"]),
+                                  fixed_s=_non_negative(o.get("fixed_s", 0.0)))
                     for o in d.get("optimizers", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where} is malformed ({type(e).__name__}: {e}). Write a new one with "
@@ -829,7 +835,8 @@ def summary(profile: DeviceProfile) -> str:
         lines.append(f"block        {b.fwd_fixed_s * 1e6:8.1f} + {b.fwd_per_sample_s * 1e6:.1f} us/sample forward, "
                      f"{b.bwd_fixed_s * 1e6:.1f} + {b.bwd_per_sample_s * 1e6:.1f} us/sample backward: {b.name}")
     for o in profile.optimizer_times:
-        lines.append(f"optimizer    {o.per_tensor_s * 1e6:10.2f} us per tensor + {o.per_byte_s * 1e12:.1f} us/MB: {o.name}")
+        lines.append(f"optimizer    {o.fixed_s * 1e6:10.2f} us + {o.per_tensor_s * 1e6:.2f} us per tensor + "
+                     f"{o.per_byte_s * 1e12:.1f} us/MB a step: {o.name}")
     if profile.comm is not None:
         c = profile.comm
         lines.append(f"p2p          {c.p2p_latency_s * 1e6:10.2f} us + bytes / {c.p2p_bw_bytes_per_s / 1e9:.2f} GB/s "

@@ -120,11 +120,13 @@ def stage_call_overhead_s(device: DeviceType) -> tuple[float, float]:
 OPTIMIZER_BYTES_PER_PARAM_BYTE = 7.0
 
 
-def optimizer_time_s(num_param_tensors: int, param_bytes: float, device: DeviceType, optimizer: str = "") -> float:
+def optimizer_time_s(num_param_tensors: int, param_bytes: float, device: DeviceType, optimizer: str = "", *,
+                     whole_step: bool = True) -> float:
     """Seconds of one optimizer step over these parameters: per-tensor loop turns plus memory traffic.
 
     ``optimizer``: the model's (``ModelCosts.optimizer``); where the device's profile measured
-    it, its measured step, and otherwise an AdamW step. 0 without a profile: the datasheet
+    it, its measured step (without its per-step part where not ``whole_step``: another stage
+    of the same rank steps in the same call), and otherwise an AdamW step. 0 without a profile: the datasheet
     model leaves the optimizer out (on a GPU a fused step over the stage's parameters is small
     beside the pipeline).
 
@@ -137,5 +139,5 @@ def optimizer_time_s(num_param_tensors: int, param_bytes: float, device: DeviceT
     p = device.profile
     measured = p.optimizer_time(optimizer)
     if measured is not None:
-        return measured.step_time_s(num_param_tensors, param_bytes)
+        return measured.step_time_s(num_param_tensors, param_bytes, whole_step=whole_step)
     return num_param_tensors * p.optimizer_per_tensor_s + OPTIMIZER_BYTES_PER_PARAM_BYTE * param_bytes / p.mem_bw_bytes_per_s

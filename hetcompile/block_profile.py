@@ -384,12 +384,18 @@ def optimizer_signature(mf) -> str:
 _CACHE_SWEEP_BYTES = 256 << 20
 
 
+# Parameter tensors (16x16) of the small steps measure_model_optimizer fits its fixed and
+# per-tensor parts to.
+_SMALL_STEPS = (8, 16, 32, 64)
+
+
 def measure_model_optimizer(model, device: str = "cpu", *, num_threads: int = 1,
-                            min_run_time_s: float = 0.1, num_small: int = 16) -> OptimizerTime:
-    """Time the model file's own optimizer: its step over the model's parameters, and over
-    ``num_small`` 16x16 tensors (the per-tensor loop). The small step gives the time per tensor,
-    the model's step what is left per byte. Timed like the blocks (NOTE: [CPU time of a block]),
-    each step after a sweep of the caches (NOTE: [an optimizer step after a backward]).
+                            min_run_time_s: float = 0.1) -> OptimizerTime:
+    """Time the model file's own optimizer: its step over the model's parameters, and over 8 to 64
+    small tensors. The small steps, fitted as ``fixed + per_tensor * tensors``, give the step's
+    fixed part and its per-tensor loop; the model's step what is left per byte. Timed like the
+    blocks (NOTE: [CPU time of a block]), each step after a sweep of the caches (NOTE: [an
+    optimizer step after a backward]).
 
     >>> measure_model_optimizer("examples/mlp.py").name  # doctest: +SKIP
     'mlp.py: SGD'
@@ -402,29 +408,35 @@ def measure_model_optimizer(model, device: str = "cpu", *, num_threads: int = 1,
     clock = _clock(device, num_threads)
     mf = _as_model_file(model, None)
     params = [p for p in mf.build_model(0).to(dev).parameters() if p.requires_grad]
-    small = [torch.nn.Parameter(torch.randn(16, 16, device=dev)) for _ in range(num_small)]
     sweep = torch.zeros(_CACHE_SWEEP_BYTES // 4, device=dev)
+
+    def step_s(tensors) -> float:
+        for t in tensors:
+            t.grad = torch.randn_like(t) * 1e-3
+        opt = mf.get_optimizer(tensors)
+        opt.step()  # its state, as after a rank's first step
+        runs, deadline = [], time.perf_counter() + min_run_time_s
+        while len(runs) < 5 or time.perf_counter() < deadline:
+            sweep.add_(1.0)
+            sync()
+            runs.append(_time_once_s(opt.step, sync, clock))
+        return statistics.median(runs)
+
     old_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        step_s = {}
-        for key, tensors in (("model", params), ("small", small)):
-            for t in tensors:
-                t.grad = torch.randn_like(t) * 1e-3
-            opt = mf.get_optimizer(tensors)
-            opt.step()  # its state, as after a rank's first step
-            runs, deadline = [], time.perf_counter() + min_run_time_s
-            while len(runs) < 5 or time.perf_counter() < deadline:
-                sweep.add_(1.0)
-                sync()
-                runs.append(_time_once_s(opt.step, sync, clock))
-            step_s[key] = statistics.median(runs)
+        model_s = step_s(params)
+        small_s = [step_s([torch.nn.Parameter(torch.randn(16, 16, device=dev)) for _ in range(n)])
+                   for n in _SMALL_STEPS]
     finally:
         torch.set_num_threads(old_threads)
-    per_tensor_s = step_s["small"] / num_small
+    fixed_s, tensors_per_s = fit_overhead_and_rate(_SMALL_STEPS, small_s)
+    per_tensor_s = 1.0 / tensors_per_s
     param_bytes = sum(t.numel() * t.element_size() for t in params)
-    per_byte_s = max(step_s["model"] - len(params) * per_tensor_s, 0.0) / max(param_bytes, 1)
-    name = f"{mf.path.name}: {type(opt).__qualname__}"
-    logger.info("optimizer %s: %.1f us per tensor + %.1f us/MB", name, per_tensor_s * 1e6, per_byte_s * 1e12)
-    return OptimizerTime(signature=optimizer_signature(mf), name=name, per_tensor_s=per_tensor_s,
-                         per_byte_s=per_byte_s)
+    per_byte_s = max(model_s - fixed_s - len(params) * per_tensor_s, 0.0) / max(param_bytes, 1)
+    signature = optimizer_signature(mf)
+    name = f"{mf.path.name}: {signature.split('(')[0]}"
+    logger.info("optimizer %s: %.1f us + %.1f us per tensor + %.1f us/MB", name, fixed_s * 1e6,
+                per_tensor_s * 1e6, per_byte_s * 1e12)
+    return OptimizerTime(signature=signature, name=name, fixed_s=fixed_s,
+                         per_tensor_s=per_tensor_s, per_byte_s=per_byte_s)

@@ -75,12 +75,13 @@ def stage_times(decision, costs: ModelCosts, cluster) -> dict[str, list[float]]:
         crossing = sum(sp.param_bytes for sp, _ in shared if st.first_block <= sp.blocks[0] <= st.last_block)
         allreduce.append(max(allreduce_time_s(max(_shard_bytes(blocks, parts[i], sum(parts)) - crossing, 0.0),
                                               cluster, list(st.devices[i::tp]), gradients=True) for i in range(tp)))
+        # A rank steps its optimizer, and joins the loss's all-reduce, once, however many
+        # (interleaved) stages it runs.
+        first_on_ranks = all(stages[e].devices != st.devices for e in range(s))
         num_tensors = sum(b.num_param_tensors for b in blocks)
         optimizer_s = max(optimizer_time_s(num_tensors, param_bytes, cluster.type_of(devices[d].type),
-                                           costs.optimizer) for d in st.devices)
+                                           costs.optimizer, whole_step=first_on_ranks) for d in st.devices)
         # Only a profiled cost model charges the step's tail (the datasheet one predicts compute and links).
-        # A rank joins the loss's all-reduce once, however many (interleaved) stages it runs.
-        first_on_ranks = all(stages[e].devices != st.devices for e in range(s))
         update.append(optimizer_s + loss_sync_s * first_on_ranks if optimizer_s > 0 else 0.0)
     # The all-reduce of each set of parameters that blocks of several stages use (tied embeddings:
     # lowering.grad_groups puts them in a group of every rank of those stages); interleaved stages

@@ -137,13 +137,15 @@ def test_the_model_files_own_optimizer_is_measured_and_priced(examples, tmp_path
 
     measured = measure_model_optimizer(mlp, min_run_time_s=0.01)
     assert measured.signature == sgd and measured.name == "mlp.py: SGD"
-    assert measured.per_tensor_s > 0 and measured.per_byte_s >= 0
+    assert measured.per_tensor_s > 0 and measured.per_byte_s >= 0 and measured.fixed_s >= 0
     profile = dataclasses.replace(_profile(), optimizer_times=(measured,))
     save_profile(profile, tmp_path / "p.json")
     assert load_profile(tmp_path / "p.json") == profile
     t = load_cluster({"nodes": [{"device": "CPU", "count": 1}],
                       "devices": {"CPU": {"profile": profile.to_json()}}}).type_of("CPU")
-    assert optimizer_time_s(2, 4096, t, sgd) == pytest.approx(2 * measured.per_tensor_s + 4096 * measured.per_byte_s)
+    parts = 2 * measured.per_tensor_s + 4096 * measured.per_byte_s
+    assert optimizer_time_s(2, 4096, t, sgd) == pytest.approx(measured.fixed_s + parts)
+    assert optimizer_time_s(2, 4096, t, sgd, whole_step=False) == pytest.approx(parts)  # a rank's other stage
     assert optimizer_time_s(2, 4096, t, "AdamW(...)") == pytest.approx(2 * 40e-6 + 7 * 4096 / 10e9)
     assert hetcompile.compiler.analyze(mlp)[1].optimizer == sgd  # what the predictor looks up
 
