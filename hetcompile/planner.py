@@ -395,7 +395,21 @@ class _Problem:
             round(cluster.intra_node_latency_s * TIME_UNITS_PER_S)] * len(self.types)
         self.ar_prefix = [_prefix([2 * blk.param_bytes / bw for blk in blocks], TIME_UNITS_PER_S)
                           for bw in self.link_bw]
-        self.ring_factor = [0] + [round(_PERMILLE * (n - 1) / n) for n in range(1, b + 1)]
+        # NOTE: [tied parameters in the objective] Parameters the first and the last block share
+        # (tied input and output embeddings) count in block 0's param_bytes. With one stage they
+        # are part of its all-reduce. With more, lowering.grad_groups sums them over the first
+        # and the last stage's ranks together, after each stage's own all-reduce, and
+        # hetcompile.predict charges them so: split_ar_prefix leaves them out of the first
+        # stage's volume, and tied_units prices their all-reduce on the inter-node link, added to
+        # the first and the last stage's. (A TP kind's all-reduce keeps its shard of them.)
+        self.tied_bytes = sum(sp.param_bytes for sp in costs.shared_params
+                              if sp.blocks[0] == 0 and sp.blocks[-1] == nb - 1)
+        self.split_ar_prefix = [_prefix([2 * (blk.param_bytes - self.tied_bytes * (i == 0)) / bw
+                                         for i, blk in enumerate(blocks)], TIME_UNITS_PER_S)
+                                for bw in self.link_bw]
+        self.tied_volume = _prefix([2 * self.tied_bytes / inter_bw], TIME_UNITS_PER_S)[-1]
+        # (n - 1) / n in permille, for n up to the devices of two stages
+        self.ring_factor = [0] + [round(_PERMILLE * (n - 1) / n) for n in range(1, 2 * b + 1)]
         self._max_share: dict[tuple, int] = {}
         self.share_cache: dict[tuple, _Stage | None] = {}  # _best_shares
         self._stage_costs: dict[tuple, tuple[int, int] | None] = {}
@@ -595,14 +609,27 @@ class _Problem:
                 return 1 + k
         return 0
 
-    def allreduce_units(self, first: int, last: int, counts: Sequence[int]) -> int:
-        """The stage's gradient all-reduce over its replicas (for TP, each member's shard over its peers)."""
+    def allreduce_units(self, first: int, last: int, counts: Sequence[int], split: bool = False) -> int:
+        """The stage's gradient all-reduce over its replicas (for TP, each member's shard over its peers);
+        ``split``: a plan of several stages, where tied parameters are all-reduced apart
+        (NOTE: [tied parameters in the objective])."""
         n = sum(counts)
         c = self.link_class(counts)
         used = [v for v, x in enumerate(counts) if x]
-        prefix = self.kind_ar[used[0]][c] if len(used) == 1 else self.ar_prefix[c]
+        if len(used) == 1 and self.kinds[used[0]].tp > 1:
+            prefix = self.kind_ar[used[0]][c]
+        else:
+            prefix = (self.split_ar_prefix if split else self.ar_prefix)[c]
         volume = prefix[last + 1] - prefix[first]
         return _ceil_div(self.ring_factor[n] * volume, _PERMILLE) + 2 * (n - 1) * self.link_lat_units[c]
+
+    def tied_units(self, stages: Sequence[_Stage]) -> int:
+        """The tied parameters' all-reduce over the first and the last stage's devices, when they
+        differ (NOTE: [tied parameters in the objective])."""
+        if len(stages) < 2 or not self.tied_bytes:
+            return 0
+        n = sum(stages[0].counts) + sum(stages[-1].counts)
+        return _ceil_div(self.ring_factor[n] * self.tied_volume, _PERMILLE) + 2 * (n - 1) * self.link_lat_units[0]
 
     def stage_cost(self, num_stages: int, s: int, st: _Stage) -> tuple[int, int] | None:
         """(C, AR) of one stage in time units (compute per micro-batch, all-reduce), or None when it is
@@ -611,7 +638,7 @@ class _Problem:
         The one cost function: the CP-SAT model encodes exactly these formulas. Cached: it depends
         on the stage count and position only through the micro-batches in flight.
         """
-        key = (self.in_flight(num_stages, s), st)
+        key = (self.in_flight(num_stages, s), num_stages > 1, st)
         if key not in self._stage_costs:
             self._stage_costs[key] = self._stage_cost(num_stages, s, st)
         return self._stage_costs[key]
@@ -637,11 +664,12 @@ class _Problem:
                 return None
             compute = max(compute, q * self.kind_units(v, st.first_block, st.last_block, st.recompute)
                           + self.kind_fixed(v, st.first_block, st.last_block, st.recompute))
-        return compute, self.allreduce_units(st.first_block, st.last_block, st.counts)
+        return compute, self.allreduce_units(st.first_block, st.last_block, st.counts, split=num_stages > 1)
 
     def objective_units(self, stages: Sequence[_Stage]) -> int | None:
-        """sum C + 2 sum_cuts send + (M - 1) max(max C, max send) + max AR, or None when a stage
-        is invalid or devices run out."""
+        """sum C + 2 sum_cuts send + (M - 1) max(max C, max send) + max AR (the first and the last
+        stage's AR with the tied parameters' all-reduce added), or None when a stage is invalid or
+        devices run out."""
         per_kind = [sum(column) for column in zip(*(st.counts for st in stages))]
         if any(n > limit for n, limit in zip(per_kind, self.kind_limit)):
             return None
@@ -654,7 +682,15 @@ class _Problem:
         times = [c[0] for c in costs]
         sends = self.cut_sends(stages)
         bottleneck = max(times + sends + self.cycle_floors(times, sends))
-        return sum(times) + 2 * sum(sends) + (self.num_microbatches - 1) * bottleneck + max(c[1] for c in costs)
+        return sum(times) + 2 * sum(sends) + (self.num_microbatches - 1) * bottleneck + self.slowest_ar(stages, costs)
+
+    def slowest_ar(self, stages: Sequence[_Stage], costs) -> int:
+        """The largest stage all-reduce, the tied parameters' added to the first and the last stage's."""
+        ars = [c[1] for c in costs]
+        tied = self.tied_units(stages)
+        ars[0] += tied
+        ars[-1] += tied
+        return max(ars)
 
     def cut_send(self, cut: int, rows: int) -> int:
         """Time units to move ``rows`` samples' activations across ``cut`` (NOTE: [a cut moves each
@@ -1021,7 +1057,8 @@ class _StageModel:
                        + max((p.fixed_rc_prefix[v][-1] for v in self.tp_kinds), default=0), max(p.send))
         self.C = [self.model.new_int_var(0, max_time, f"C_s{s}") for s in range(S)]
         self.send = [self._cut_send(s) for s in range(1, S)]
-        max_ar = max(pre[-1] for pre in p.ar_prefix) + 2 * b * max(p.link_lat_units)
+        max_ar = (max(pre[-1] for pre in p.ar_prefix) + p.tied_volume
+                  + 2 * 3 * b * max(p.link_lat_units))
         self.AR = [self.model.new_int_var(0, max_ar, f"AR_s{s}") for s in range(S)]
         self.z = self.model.new_int_var(0, max_time, "z_bottleneck_stage")
         self.w = self.model.new_int_var(0, max_ar, "w_slowest_allreduce")
@@ -1189,8 +1226,12 @@ class _StageModel:
     def add_allreduce(self) -> None:
         """cls[s, 1+k] only if the stage is type k alone within one node (TP groups of type k inside
         nodes included: n tp <= L_k); then AR[s] >= ceil(F(n_s) Wc(s) / 1000) + 2 (n_s - 1) lat_c for
-        the chosen class c, with W from the stage's TP kind (its largest shard) when it uses one."""
+        the chosen class c, with W from the stage's TP kind (its largest shard) when it uses one.
+        With several stages, W leaves out the tied parameters and ``tied`` is their all-reduce over
+        the first and the last stage's n on the inter-node link (NOTE: [tied parameters in the
+        objective])."""
         p, nt, b = self.problem, len(self.problem.types), self.problem.microbatch_size
+        S = self.num_stages
         for s in range(self.num_stages):
             cls = [self.model.new_bool_var(f"cls_s{s}_c{c}") for c in range(nt + 1)]
             self.model.add_exactly_one(cls)
@@ -1207,14 +1248,15 @@ class _StageModel:
             self.model.add(n_total == sum(self.n[s, v] for v in self.kv))
             factor = self.model.new_int_var(0, _PERMILLE, f"ring_factor_s{s}")
             self.model.add_element(n_total, p.ring_factor, factor)
-            volume_hi = max(pre[-1] for pre in p.ar_prefix)
+            ar_prefix = p.split_ar_prefix if S > 1 else p.ar_prefix
+            volume_hi = max(pre[-1] for pre in ar_prefix)
             volume = self.model.new_int_var(0, volume_hi, f"ar_volume_s{s}")
             if self.tp_kinds:
                 plain = self.model.new_bool_var(f"plain_s{s}")
                 self.model.add(sum(self.used[s, v] for v in self.tp_kinds) == 0).only_enforce_if(plain)
                 self.model.add(sum(self.used[s, v] for v in self.tp_kinds) >= 1).only_enforce_if(~plain)
                 for c in range(nt + 1):
-                    self.model.add(volume >= self._interval(f"W{c}", p.ar_prefix[c], s)).only_enforce_if(
+                    self.model.add(volume >= self._interval(f"W{c}", ar_prefix[c], s)).only_enforce_if(
                         [cls[c], plain])
                 for v in self.tp_kinds:
                     for c, prefix in p.kind_ar[v].items():
@@ -1222,19 +1264,28 @@ class _StageModel:
                             [cls[c], self.used[s, v]])
             else:
                 for c in range(nt + 1):
-                    self.model.add(volume == self._interval(f"W{c}", p.ar_prefix[c], s)).only_enforce_if(cls[c])
+                    self.model.add(volume == self._interval(f"W{c}", ar_prefix[c], s)).only_enforce_if(cls[c])
             scaled = self.model.new_int_var(0, _PERMILLE * volume_hi, f"ar_scaled_s{s}")
             self.model.add_multiplication_equality(scaled, [factor, volume])
             for c in range(nt + 1):
                 latency = 2 * p.link_lat_units[c] * _PERMILLE
                 self.model.add(_PERMILLE * self.AR[s] >= scaled + latency * (n_total - 1)).only_enforce_if(cls[c])
+        self.tied = 0
+        if S > 1 and p.tied_bytes:
+            n_tied = self.model.new_int_var(2, 2 * b, "n_tied")
+            self.model.add(n_tied == sum(self.n[s, v] for s in (0, S - 1) for v in self.kv))
+            factor = self.model.new_int_var(0, _PERMILLE, "ring_factor_tied")
+            self.model.add_element(n_tied, p.ring_factor, factor)
+            self.tied = self.model.new_int_var(0, p.tied_volume + 2 * 2 * b * p.link_lat_units[0], "tied_allreduce")
+            self.model.add(_PERMILLE * self.tied >= factor * p.tied_volume
+                           + 2 * p.link_lat_units[0] * _PERMILLE * (n_tied - 1))
 
     def add_bottlenecks(self) -> None:
-        """z >= C[s], z >= X[cut[s]], w >= AR[s]; valid cut z >= z_min (every device busy on its
+        """z >= C[s], z >= X[cut[s]], w >= AR[s] (+ tied for the first and the last stage); valid cut z >= z_min (every device busy on its
         share of the work: at an optimum z is the largest of the C and X)."""
         for s in range(self.num_stages):
             self.model.add(self.z >= self.C[s])
-            self.model.add(self.w >= self.AR[s])
+            self.model.add(self.w >= self.AR[s] + (self.tied if s in (0, self.num_stages - 1) else 0))
         for send in self.send:
             self.model.add(self.z >= send)
         if self.problem.schedule == "1f1b":
@@ -1277,7 +1328,9 @@ class _StageModel:
         for s, (a, st) in enumerate(zip(choice.stages, choice.stages[1:]), start=1):
             self.model.add_hint(self.rows[s], max(max(a.shares), max(st.shares)))
         self.model.add_hint(self.z, max(times + sends + p.cycle_floors(times, sends)))
-        self.model.add_hint(self.w, max(c[1] for c in costs))
+        self.model.add_hint(self.w, p.slowest_ar(choice.stages, costs))
+        if not isinstance(self.tied, int):
+            self.model.add_hint(self.tied, p.tied_units(choice.stages))
 
     def solve(self, deterministic_time: float, wall_limit_s: float, seed: int, num_workers: int,
               on_progress: Callable[[float, float], None] | None):

@@ -16,7 +16,7 @@ import hetcompile.planner as planner_module
 from cost_models.cluster import load_cluster
 from cost_models.memory import device_memory_bytes
 from hetcompile.errors import UserError
-from hetcompile.ir import Block, ModelCosts
+from hetcompile.ir import Block, ModelCosts, SharedParams
 from hetcompile.planner import (
     TIME_UNITS_PER_S,
     PlanDecision,
@@ -116,6 +116,42 @@ def random_instance(seed: int):
     num_microbatches = rng.choice([m for m in (1, 2, 4) if costs.global_batch % m == 0])
     schedule = rng.choice(["gpipe", "1f1b"])
     return costs, cluster, num_microbatches, schedule
+
+
+def tied(costs: ModelCosts) -> ModelCosts:
+    """``costs`` with half of block 0's parameters tied to the last block (an embedding and an output
+    head that share their weight, as GPT-2's do)."""
+    half = costs.blocks[0].param_bytes // 2
+    return dataclasses.replace(costs, shared_params=(SharedParams((0, costs.num_blocks - 1), half, 1),))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ilp_matches_brute_force_with_tied_parameters(seed):
+    costs, cluster, num_microbatches, schedule = random_instance(seed)
+    costs = tied(costs)
+    try:
+        _, expected_s = brute_force(costs, cluster, num_microbatches=num_microbatches, schedule=schedule)
+    except UserError:
+        return
+    decision, report = solve(costs, cluster, num_microbatches=num_microbatches, schedule=schedule)
+    assert report.status == "OPTIMAL" and report.objective_s == expected_s
+    check_decision(decision, costs, cluster)
+
+
+def test_tied_parameters_are_all_reduced_across_the_first_and_last_stage():
+    """NOTE: [tied parameters in the objective]: with one stage they are in its all-reduce; with
+    several, out of the first stage's and all-reduced over the first and the last stage's devices
+    on the inter-node link, as lowering and the predictor do."""
+    plain = make_costs(4, param_bytes=[4_000_000_000, 10**9, 10**9, 10**9])
+    cluster = make_cluster([2], [2])
+    one, two = _Stage(0, 3, (2, 0), (4, 0), False), [_Stage(0, 1, (2, 0), (4, 0), False),
+                                                      _Stage(2, 3, (0, 2), (0, 4), False)]
+    untied, with_tied = _Problem(plain, cluster, 2, "1f1b"), _Problem(tied(plain), cluster, 2, "1f1b")
+    assert with_tied.objective_units([one]) == untied.objective_units([one])
+    assert with_tied.tied_units(two) > 0 and untied.tied_units(two) == 0
+    # The first stage's own all-reduce lost the tied 2 GB; the tied all-reduce goes on top.
+    assert with_tied.stage_cost(2, 0, two[0])[1] < untied.stage_cost(2, 0, two[0])[1]
+    assert with_tied.objective_units(two) > untied.objective_units(two) - untied.stage_cost(2, 0, two[0])[1]
 
 
 @pytest.mark.parametrize("seed", range(8))
