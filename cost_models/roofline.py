@@ -126,9 +126,9 @@ def optimizer_time_s(num_param_tensors: int, param_bytes: float, device: DeviceT
 
     ``optimizer``: the model's (``ModelCosts.optimizer``); where the device's profile measured
     it, its measured step (without its per-step part where not ``whole_step``: another stage
-    of the same rank steps in the same call), and otherwise an AdamW step. 0 without a profile: the datasheet
-    model leaves the optimizer out (on a GPU a fused step over the stage's parameters is small
-    beside the pipeline).
+    of the same rank steps in the same call), and otherwise an AdamW step. 0 without a
+    profile: the datasheet model leaves the optimizer out (on a GPU a fused step over the
+    stage's parameters is small beside the pipeline).
 
     >>> from cost_models.devices import CATALOG
     >>> optimizer_time_s(4, 1e9, CATALOG["A100-80GB"])

@@ -376,11 +376,11 @@ def optimizer_signature(mf) -> str:
 
 # NOTE: [an optimizer step after a backward] A rank steps its optimizer right after its
 # backward, which has streamed the stage's activations through the caches, so the parameters,
-# gradients and optimizer state come from memory. Stepped over and over, they stay in the cache:
-# on the 2-vCPU VM (32 MiB L3) the example GPT-2's AdamW step took 1.6-2.0 ms so, 2.2-2.3 ms
-# after writing a 64 MiB buffer, and 2.4-2.8 ms in a training step's trace; the wide MLP's SGD
-# step 0.45-0.60 ms so, 0.79-0.82 ms after the buffer (2026-11-25). So each timed step follows a
-# sweep of a buffer larger than a CPU's last-level cache.
+# gradients and optimizer state come from memory. Stepped back to back, they stay in the cache:
+# on the 2-vCPU VM (32 MiB L3) the example GPT-2's AdamW step took 1.6-2.0 ms back to back,
+# 2.2-2.3 ms after writing a 64 MiB buffer, and 2.4-2.8 ms in a training step's trace; the wide
+# MLP's SGD step 0.45-0.60 ms back to back and 0.79-0.82 ms after the buffer (2026-11-25). So
+# each timed step follows a sweep of a buffer larger than a CPU's last-level cache.
 _CACHE_SWEEP_BYTES = 256 << 20
 
 

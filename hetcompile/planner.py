@@ -1232,7 +1232,7 @@ class _StageModel:
         objective])."""
         p, nt, b = self.problem, len(self.problem.types), self.problem.microbatch_size
         S = self.num_stages
-        for s in range(self.num_stages):
+        for s in range(S):
             cls = [self.model.new_bool_var(f"cls_s{s}_c{c}") for c in range(nt + 1)]
             self.model.add_exactly_one(cls)
             for k in range(nt):
@@ -1281,8 +1281,9 @@ class _StageModel:
                            + 2 * p.link_lat_units[0] * _PERMILLE * (n_tied - 1))
 
     def add_bottlenecks(self) -> None:
-        """z >= C[s], z >= X[cut[s]], w >= AR[s] (+ tied for the first and the last stage); valid cut z >= z_min (every device busy on its
-        share of the work: at an optimum z is the largest of the C and X)."""
+        """z >= C[s], z >= X[cut[s]], w >= AR[s] (+ tied for the first and the last stage); valid cut
+        z >= z_min (every device busy on its share of the work: at an optimum z is the largest of
+        the C and X)."""
         for s in range(self.num_stages):
             self.model.add(self.z >= self.C[s])
             self.model.add(self.w >= self.AR[s] + (self.tied if s in (0, self.num_stages - 1) else 0))
