@@ -636,7 +636,8 @@ class _Problem:
         not a valid stage (shares, memory, a TP kind beside another kind or on blocks it cannot split).
 
         The one cost function: the CP-SAT model encodes exactly these formulas. Cached: it depends
-        on the stage count and position only through the micro-batches in flight.
+        on the stage count and position only through the micro-batches in flight and whether there
+        is more than one stage (NOTE: [tied parameters in the objective]).
         """
         key = (self.in_flight(num_stages, s), num_stages > 1, st)
         if key not in self._stage_costs:
