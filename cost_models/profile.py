@@ -20,7 +20,7 @@ What is measured, and the model each number feeds (timed with
 - an Adam step per parameter tensor (the per-tensor loop of torch's CPU
   optimizers): ``optimizer_per_tensor_s``;
 - with ``models``, the model file's own optimizer (its step on the model's
-  parameters and on small tensors: per tensor and per byte): ``optimizer_times``,
+  parameters and on small tensors: per step, per tensor and per byte): ``optimizer_times``,
   keyed by its class and settings (:mod:`hetcompile.block_profile`);
 - with ``models``, the model's own blocks (forward, and backward, of each
   distinct layer at samples per call from 1 up to the model's batch, fitted as
@@ -42,6 +42,7 @@ kept beside the fitted numbers so a reader can check the fit.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime
 import json
 import logging
@@ -427,6 +428,19 @@ def _median_s(stmt: str, globals_: dict, min_run_time_s: float, sync=None) -> fl
     return Timer(stmt, globals=globals_).blocked_autorange(min_run_time=min_run_time_s).median
 
 
+@contextlib.contextmanager
+def torch_threads(num_threads: int):
+    """Run the block with ``num_threads`` torch intra-op threads, then restore the count."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _device(device: str):
     import torch
 
@@ -778,15 +792,11 @@ def measure_profile(device: str = "cpu", *, num_ranks: int = 1, num_threads: int
     _, _, name = _device(device)
     dtypes = dtypes or (("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16"))
     run_s = 0.02 if quick else 0.1
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
+    with torch_threads(num_threads):
         samples, rates = measure_matmul(device, dtypes, min_run_time_s=run_s / 2)
         mem_bw = measure_mem_bw(device, min_run_time_s=run_s / 2)
         op_fwd, op_bwd = measure_op_overhead(device, min_run_time_s=run_s)
         optimizer = measure_optimizer(device, min_run_time_s=run_s)
-    finally:
-        torch.set_num_threads(old_threads)
     block_times: dict[str, BlockTime] = {}
     optimizer_times: dict[str, OptimizerTime] = {}
     calls: list[tuple[float, float]] = []

@@ -42,7 +42,7 @@ import time
 import torch
 import torch.fx
 
-from cost_models.profile import BlockTime, OptimizerTime, fit_overhead_and_rate
+from cost_models.profile import BlockTime, OptimizerTime, fit_overhead_and_rate, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +189,15 @@ def _time_once_s(fn, sync, clock) -> float:
     return clock() - start
 
 
+def _timer(device: str, num_threads: int):
+    """(torch device, sync, clock) to time work on ``device`` with: sync waits for a GPU's queue,
+    clock is :func:`_clock`."""
+    from cost_models.profile import _device
+
+    dev, sync_stmt, _ = _device(device)
+    return dev, (torch.cuda.synchronize if sync_stmt else (lambda: None)), _clock(device, num_threads)
+
+
 def _clock(device: str, num_threads: int):
     """The clock a block is timed with.
 
@@ -276,13 +285,10 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=No
     >>> times[0].fwd_per_sample_s > 0  # doctest: +SKIP
     True
     """
-    from cost_models.profile import _device
     from hetcompile.compiler import _as_model_file, analyze
     from hetcompile.runtime.host_memory import keep_freed_memory
 
-    dev, sync_stmt, _ = _device(device)
-    sync = torch.cuda.synchronize if sync_stmt else (lambda: None)
-    clock = _clock(device, num_threads)
+    dev, sync, clock = _timer(device, num_threads)
     mf = _as_model_file(model, None)
     cap, costs = analyzed if analyzed is not None else analyze(mf)
     signatures = block_signatures(cap, costs)
@@ -292,11 +298,9 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=No
         first_of.setdefault(sig, b)
     split = {b: _split_block(cap.gm, b) for b in first_of.values()}
     samples: dict[int, list[tuple[int, float, float]]] = {b: [] for b in split}
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    if dev.type == "cpu":
-        keep_freed_memory()  # as a CPU rank runs (NOTE: [freed host memory])
-    try:
+    with torch_threads(num_threads):
+        if dev.type == "cpu":
+            keep_freed_memory()  # as a CPU rank runs (NOTE: [freed host memory])
         runners: dict[tuple[int, int], _BlockRunner] = {}
         placeholders = [a for a in cap.gm.graph.nodes if a.op == "placeholder"]
         for n in sizes:
@@ -330,8 +334,6 @@ def measure_blocks(model, device: str = "cpu", *, num_threads: int = 1, sizes=No
         for b in split:
             for n in sizes:
                 samples[b].append((n, max(fwd[b, n] - call_fwd_s, 0.0), max(bwd[b, n] - call_bwd_s, 0.0)))
-    finally:
-        torch.set_num_threads(old_threads)
     out = []
     for b, points in samples.items():
         ns = [p[0] for p in points]
@@ -400,12 +402,9 @@ def measure_model_optimizer(model, device: str = "cpu", *, num_threads: int = 1,
     >>> measure_model_optimizer("examples/mlp.py").name  # doctest: +SKIP
     'mlp.py: SGD'
     """
-    from cost_models.profile import _device
     from hetcompile.compiler import _as_model_file
 
-    dev, sync_stmt, _ = _device(device)
-    sync = torch.cuda.synchronize if sync_stmt else (lambda: None)
-    clock = _clock(device, num_threads)
+    dev, sync, clock = _timer(device, num_threads)
     mf = _as_model_file(model, None)
     params = [p for p in mf.build_model(0).to(dev).parameters() if p.requires_grad]
     sweep = torch.zeros(_CACHE_SWEEP_BYTES // 4, device=dev)
@@ -422,14 +421,10 @@ def measure_model_optimizer(model, device: str = "cpu", *, num_threads: int = 1,
             runs.append(_time_once_s(opt.step, sync, clock))
         return statistics.median(runs)
 
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
+    with torch_threads(num_threads):
         model_s = step_s(params)
         small_s = [step_s([torch.nn.Parameter(torch.randn(16, 16, device=dev)) for _ in range(n)])
                    for n in _SMALL_STEPS]
-    finally:
-        torch.set_num_threads(old_threads)
     fixed_s, tensors_per_s = fit_overhead_and_rate(_SMALL_STEPS, small_s)
     per_tensor_s = 1.0 / tensors_per_s
     param_bytes = sum(t.numel() * t.element_size() for t in params)

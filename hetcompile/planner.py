@@ -113,7 +113,6 @@ the model, :func:`brute_force` and the heuristic, is :meth:`_Problem.stage_cost`
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import math
@@ -124,7 +123,7 @@ from typing import Callable, Sequence
 from ortools.sat.python import cp_model
 
 from cost_models.cluster import Cluster
-from cost_models.comm import allreduce_time_s, p2p_time_s, ring_allreduce_time_s
+from cost_models.comm import allreduce_time_s, ring_allreduce_time_s
 from cost_models.devices import DeviceType
 from cost_models.memory import STATIC_BYTES_PER_PARAM_BYTE, stage_memory_bytes, tp_share
 from cost_models.roofline import block_time_s
@@ -393,8 +392,6 @@ class _Problem:
                                      for t in self.types]
         self.link_lat_units = [round(inter_lat * TIME_UNITS_PER_S)] + [
             round(cluster.intra_node_latency_s * TIME_UNITS_PER_S)] * len(self.types)
-        self.ar_prefix = [_prefix([2 * blk.param_bytes / bw for blk in blocks], TIME_UNITS_PER_S)
-                          for bw in self.link_bw]
         # NOTE: [tied parameters in the objective] Parameters the first and the last block share
         # (tied input and output embeddings) count in block 0's param_bytes. With one stage they
         # are part of its all-reduce. With more, lowering.grad_groups sums them over the first
@@ -404,9 +401,12 @@ class _Problem:
         # the first and the last stage's. (A TP kind's all-reduce keeps its shard of them.)
         self.tied_bytes = sum(sp.param_bytes for sp in costs.shared_params
                               if sp.blocks[0] == 0 and sp.blocks[-1] == nb - 1)
-        self.split_ar_prefix = [_prefix([2 * (blk.param_bytes - self.tied_bytes * (i == 0)) / bw
-                                         for i, blk in enumerate(blocks)], TIME_UNITS_PER_S)
-                                for bw in self.link_bw]
+
+        def ar_prefix(tied_out: int) -> list[list[int]]:  # per link class; block 0 less tied_out bytes
+            return [_prefix([2 * (blk.param_bytes - tied_out * (i == 0)) / bw for i, blk in enumerate(blocks)],
+                            TIME_UNITS_PER_S) for bw in self.link_bw]
+
+        self.ar_prefix, self.split_ar_prefix = ar_prefix(0), ar_prefix(self.tied_bytes)
         self.tied_volume = _prefix([2 * self.tied_bytes / inter_bw], TIME_UNITS_PER_S)[-1]
         # (n - 1) / n in permille, for n up to the devices of two stages
         self.ring_factor = [0] + [round(_PERMILLE * (n - 1) / n) for n in range(1, 2 * b + 1)]
